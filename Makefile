@@ -1,0 +1,48 @@
+# flux2_kit — the README's two commands: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py | md5sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONHASHSEED := 0
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: env demo test export-check clean-check nbtest pytest lint clean
+
+# The environment: CPU torch 2.13.0 first (pip takes it from local disk), then the project with its dev tools.
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*; touch $@
+
+env: $(STAMP)
+
+# Train-free quickstart until the Trainer lands: build flux2-tiny + the sample dataset, render a preview grid.
+demo: env
+	$(BIN)/python examples/demo.py
+
+export-check: env
+	@git diff --quiet -- flux2_kit || { echo "flux2_kit/ has uncommitted edits; commit before export-check"; }
+	$(BIN)/nbdev_export
+	@test -z "$$(git status --porcelain -- flux2_kit)" || { git status --porcelain -- flux2_kit; echo "nbdev_export changed flux2_kit/: notebooks and library out of sync"; exit 1; }
+
+clean-check: env
+	$(BIN)/python .ci/check_clean.py
+
+lint: env
+	$(BIN)/python .ci/check_exports.py
+
+nbtest: env
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: env
+	$(BIN)/python -m pytest -q tests
+
+test: export-check clean-check lint nbtest pytest
+	@echo "make test: all checks passed"
