@@ -23,17 +23,18 @@ $(STAMP): settings.ini setup.py
 
 env: $(STAMP)
 
-# Train-free quickstart until the Trainer lands: build flux2-tiny + the sample dataset, render a preview grid.
+# The quickstart: build flux2-tiny + the sample dataset, then run the main job.
 demo: env
 	$(BIN)/python examples/demo.py
 
+# nbdev_export must leave no diff: the library is exactly what the notebooks export.
 export-check: env
-	@git diff --quiet -- flux2_kit || { echo "flux2_kit/ has uncommitted edits; commit before export-check"; }
 	$(BIN)/nbdev_export
 	@test -z "$$(git status --porcelain -- flux2_kit)" || { git status --porcelain -- flux2_kit; echo "nbdev_export changed flux2_kit/: notebooks and library out of sync"; exit 1; }
 
 clean-check: env
 	$(BIN)/python .ci/check_clean.py
+	$(BIN)/python .ci/readme.py --check
 
 lint: env
 	$(BIN)/python .ci/check_exports.py
