@@ -15,9 +15,9 @@ def main(workdir="runs/demo", steps=100):
     from flux2_kit.trainer import tiny_config
     t0 = time.time()
     workdir = Path(workdir).resolve()
-    cfg = tiny_config(workdir, "dev", max_train_steps=int(steps), checkpointing_steps=50, checkpoints_total_limit=2,
+    cfg = tiny_config(workdir, "dev", "small", max_train_steps=int(steps), checkpointing_steps=50, checkpoints_total_limit=2,
                       validation_steps=25, validation_resolution="128x128", validation_num_inference_steps=4,
-                      learning_rate=1e-3, flux_guidance_mode="random-range", flux_guidance_min=1.0,
+                      learning_rate=2e-3, lora_rank=16, flux_guidance_mode="random-range", flux_guidance_min=1.0,
                       flux_guidance_max=5.0,
                       datasets=[dict(id="sample", type="local", instance_data_dir=str(workdir / "datasets" / "flux2-sample"),
                                      caption_strategy="textfile", crop=True, crop_aspect="square", crop_style="center",
@@ -35,7 +35,7 @@ def main(workdir="runs/demo", steps=100):
     from flux2_kit.runlog import read_events
     losses = [e["loss"] for e in read_events(out / "events.jsonl", types=["step"])]
     k = max(len(losses) // 5, 1)
-    print(f"\nflux2_kit demo: trained a LoRA on flux2-tiny for {t.step} steps in {time.time() - t0:.0f}s")
+    print(f"\nflux2_kit demo: trained a LoRA on flux2-tiny (size small) for {t.step} steps in {time.time() - t0:.0f}s")
     print(f"  mean loss, first {k} steps: {sum(losses[:k]) / k:.4f}; last {k} steps: {sum(losses[-k:]) / k:.4f}")
     print(f"  run directory:    {out}")
     print(f"  events:           {out / 'events.jsonl'}")
