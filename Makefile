@@ -9,9 +9,9 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
-export OMP_NUM_THREADS ?= 2
+export OMP_NUM_THREADS ?= 1
 
-.PHONY: env demo test export-check clean-check nbtest pytest lint clean
+.PHONY: env demo test export-check clean-check nbtest pytest lint clean docs chromium
 
 # The environment: CPU torch 2.13.0 first (pip takes it from local disk), then the project with its dev tools.
 $(STAMP): settings.ini setup.py
@@ -42,7 +42,13 @@ lint: env
 nbtest: env
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-pytest: env
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+docs: env
+	$(BIN)/python docs/build.py --strict
+
+pytest: env chromium
 	$(BIN)/python -m pytest -q tests
 
 test: export-check clean-check lint nbtest pytest
