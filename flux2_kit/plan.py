@@ -936,10 +936,11 @@ def check_plan(config=None,  # object or dict with SimpleTuner keys
                gpus: int | None = None,  # processes, one GPU each
                gpu_memory_gb: float = 80,  # memory per GPU in GiB
                strategy: str | None = None,  # "ddp" or "fsdp2"
+               device: str = "cuda",  # "cuda" counts each process's CUDA context; "cpu" does not
                **overrides,  # PlanSettings fields replacing the config's
               ) -> Plan:
     "The plan if it fits in `gpu_memory_gb` per GPU; else a `PlanError` naming the phase, the peak and the cheapest fix."
-    p = plan(config, gpus=gpus, strategy=strategy, gpu_memory_gb=gpu_memory_gb, **overrides)
+    p = plan(config, gpus=gpus, strategy=strategy, gpu_memory_gb=gpu_memory_gb, device=device, **overrides)
     if p.fits: return p
     ph = p.phases[p.peak_phase]
     raise PlanError(f"this run does not fit: the {p.peak_phase} phase ({ph.peak_step}) needs {_gb(p.peak)} GiB per GPU, "

@@ -64,26 +64,6 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_dev, batch, tread):
     assert _rel_grad_err(ga, gb) < 1e-5  # measured 0.0 (the recomputation runs the same kernels)
 
 
-def test_regional_compile_same_loss_and_grads(tiny_dev, batch):
-    "diffusers' compile_repeated_blocks (torch.compile of each double/single block, inductor on the CPU)."
-    eager, comp = _model(tiny_dev), _model(tiny_dev)
-    comp.compile_repeated_blocks(dynamic=False)
-    blocks = list(comp.transformer_blocks) + list(comp.single_transformer_blocks)
-    assert all(b._compiled_call_impl is not None for b in blocks)  # every block was handed to torch.compile
-    la, ga = _loss_and_grads(eager, batch)
-    try:
-        lb, gb = _loss_and_grads(comp, batch)  # first call compiles forward and backward (~60 s cold, ~7 s cached)
-    except Exception as e:  # a toolchain that cannot build inductor kernels (no C++ compiler, no headers)
-        msg = f"{type(e).__name__}: {e}"
-        if any(s in msg for s in ("CppCompileError", "InductorError", "BackendCompilerFailed", "CalledProcessError")):
-            pytest.skip(f"torch.compile cannot build kernels on this toolchain: {msg[:300]}")
-        raise
-    import torch._dynamo
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo really captured graphs
-    assert abs(la.item() - lb.item()) <= 1e-5 * abs(la.item())
-    assert _rel_grad_err(ga, gb) < 1e-4  # measured ~4e-7: inductor reorders float sums
-
-
 @pytest.mark.parametrize("precision,tol", [("int8-quanto", 0.05), ("int4-quanto", 0.3)])
 def test_quanto_base_trains_and_stays_close(tiny_dev, batch, precision, tol):
     "A quantised base trains a LoRA step (finite loss, LoRA weights move) and its output stays close to fp32."
@@ -123,6 +103,89 @@ def test_group_offload_same_loss_and_grads(tiny_dev, batch, kind):
     lb, gb = _loss_and_grads(off, batch)
     assert torch.isfinite(la) and abs(la.item() - lb.item()) <= 1e-6 * abs(la.item())
     assert _rel_grad_err(ga, gb) < 1e-6  # measured 0.0
+
+
+# --- the same paths through the Trainer (config keys), on flux2-tiny with the sample dataset ----------------------
+TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]}
+
+
+def _trainer(workdir, **kw):
+    from flux2_kit.trainer import Trainer, tiny_config
+    return Trainer(tiny_config(workdir, **kw), default_callbacks=False, progress=False)
+
+
+def _run(t, n):
+    "Train `n` updates; the step results and the LoRA weights afterwards."
+    from flux2_kit.lora import lora_state_dict
+    res = []
+    while t.step < n: res += t.train_epoch(max_steps=n)
+    return res, {k: v.detach().clone() for k, v in lora_state_dict(t.transformer).items()}
+
+
+def _eval_loss(t):
+    "Mean flow-matching loss over the 4 sample images at sigma 0.5 on fixed noise (no TREAD: eval of the weights)."
+    with torch.no_grad():
+        return sum(flow_match_loss(t.transformer, t.make_batch("sample", [i]), torch.Generator().manual_seed(123),
+                                   t.flow_settings, sigmas=0.5).loss.item() for i in range(4)) / 4
+
+
+def test_trainer_rollout_trains(tmp_path):
+    "scheduled_sampling_* keys switch the Trainer to flow_match_loss_with_rollout: it trains, and differs from off."
+    kw = dict(max_train_steps=40, learning_rate=2e-2, lora_rank=8)
+    off = _trainer(tmp_path, **kw)
+    on = _trainer(tmp_path, scheduled_sampling_max_step_offset=2, scheduled_sampling_probability=1.0, **kw)
+    assert off.rollout_settings is None and on.rollout_settings.max_step_offset == 2
+    on.build_lora(); on.cache()
+    start = _eval_loss(on)
+    r_on, _ = _run(on, 40)
+    end = _eval_loss(on)
+    r_off, _ = _run(off, 40)
+    assert all(r.finite and r.stepped for r in r_on)
+    print(f"\nrollout on: eval loss {start:.4f} -> {end:.4f}; off: {_eval_loss(off):.4f}")
+    assert end < 0.95 * start, (start, end)  # measured 2.499 -> 2.186 (off: 2.189)
+    assert torch.equal(r_on[0].sigmas, r_off[0].sigmas)  # same generator draws up to the noise ...
+    assert abs(r_on[0].loss - r_off[0].loss) > 1e-3  # ... but the step trained on the rollout (2.619 vs 2.499)
+
+
+def test_trainer_tread_with_group_offload(tmp_path):
+    "TREAD + enable_group_offload: offload is applied after TREAD (hooks wrap the routing forward); same training."
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+    from flux2_kit.lora import unwrap_model
+    results = {}
+    for kind in ("none", "block_level", "leaf_level"):
+        kw = dict(enable_group_offload=True, group_offload_type=kind) if kind != "none" else {}
+        t = _trainer(tmp_path, tread_config=TREAD, max_train_steps=3, **kw)
+        results[kind] = _run(t, 3)
+        assert t.router is not None and t.router.last_kept  # TREAD really routed the training forwards
+        assert _is_group_offload_enabled(unwrap_model(t.transformer)) == (kind != "none")
+    (r0, w0) = results["none"]
+    for kind in ("block_level", "leaf_level"):
+        r, w = results[kind]
+        assert [x.loss for x in r] == [x.loss for x in r0], kind  # same routing, same loss, step after step
+        assert all(torch.equal(w0[k], w[k]) for k in w0), kind  # measured: bit-identical on cpu
+
+
+def test_trainer_compile_matches_eager(tmp_path):
+    "compile_transformer: diffusers' compile_repeated_blocks (inductor on the CPU) after TREAD, before prepare."
+    from flux2_kit.lora import unwrap_model
+    eager = _trainer(tmp_path, tread_config=TREAD, max_train_steps=2)
+    r0, w0 = _run(eager, 2)
+    comp = _trainer(tmp_path, tread_config=TREAD, max_train_steps=2, compile_transformer=True)
+    comp.build_lora()
+    m = unwrap_model(comp.transformer)
+    assert all(b._compiled_call_impl is not None for b in list(m.transformer_blocks) + list(m.single_transformer_blocks))
+    try:
+        r1, w1 = _run(comp, 2)  # the first step compiles forward and backward (~60 s cold, seconds cached)
+    except Exception as e:  # a toolchain that cannot build inductor kernels (no C++ compiler, no headers)
+        msg = f"{type(e).__name__}: {e}"
+        if any(s in msg for s in ("CppCompileError", "InductorError", "BackendCompilerFailed", "CalledProcessError")):
+            pytest.skip(f"torch.compile cannot build kernels on this toolchain: {msg[:300]}")
+        raise
+    import torch._dynamo
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo really captured graphs
+    for a, b in zip(r0, r1): assert abs(a.loss - b.loss) <= 1e-5 * abs(a.loss), (a.loss, b.loss)
+    scale = max(v.abs().max().item() for v in w0.values())
+    assert max((w0[k] - w1[k]).abs().max().item() for k in w0) < 1e-4 * scale  # inductor reorders float sums
 
 
 # --- benchmarks/gpu_mfu.py and gpu_smoke.py: the FLOP formula, and a clean skip without CUDA ------------------------

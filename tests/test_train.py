@@ -101,3 +101,37 @@ def test_two_gloo_processes_agree_and_skip_nan_together(tmp_path, tiny_dev):
     assert r0["finite"] == r1["finite"] == [True, False, True]  # the NaN on process 1 skipped the step on both
     assert r0["stepped"] == r1["stepped"] == [True, False, True]
     assert r0["probe"] == r1["probe"] and r0["checksum"] == r1["checksum"]  # DDP kept the LoRA identical
+
+
+# --- Trainer data order: stopping at a step limit must not consume a sampled batch ---------------------------------
+def _trainer(workdir, **kw):
+    from flux2_kit.trainer import Trainer, tiny_config
+    return Trainer(tiny_config(workdir, **kw), default_callbacks=False, progress=False)
+
+
+def _names(results):
+    from pathlib import Path
+    return [Path(k).name for r in results for k in r.keys]
+
+
+def _train_to(t, n):
+    out = []
+    while t.step < n: out += t.train_epoch(max_steps=n)
+    return out
+
+
+def test_trainer_step_limit_keeps_data_order(tmp_path):
+    "N steps then N more (same Trainer, and through a checkpoint into a new one) sees the batches of 2N straight."
+    n = 3  # 4 images, batch 1: the second half crosses the epoch boundary
+    straight = _names(_train_to(_trainer(tmp_path / "straight"), 2 * n))
+    assert len(straight) == 2 * n and len(set(straight[:4])) == 4  # an epoch visits every image once
+    t = _trainer(tmp_path / "split")
+    first = _names(t.train_epoch(max_steps=n))
+    assert t.step == n and len(first) == n
+    assert t.data_sampler.position == n  # nothing drawn beyond the last trained batch
+    t.save()
+    again = _names(_train_to(t, 2 * n))
+    assert first + again == straight
+    resumed = _trainer(tmp_path / "split")  # same output_dir: resume the checkpoint at step n
+    assert resumed.resume("latest") is not None and resumed.step == n
+    assert first + _names(_train_to(resumed, 2 * n)) == straight
