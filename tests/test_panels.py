@@ -71,9 +71,12 @@ def run(tmp_path, table):
 # --- names ----------------------------------------------------------------------------------------------------------
 
 def test_preview_names_round_trip():
-    for prompt, g in [("cat", 1.0), ("a_b-c.d", 3.5), ("x__y", 12.25)]:
+    from flux2_kit.trainer import _guidance_tag
+    for prompt, g in [("cat", 1.0), ("a_b-c.d", 3.5), ("x__y", 12.25), ("tiny", 1e-5)]:
         n = guidance_image_name(prompt, g)
+        assert n == f"{prompt}__{_guidance_tag(g)}"  # the name the trainer writes
         assert parse_preview_name(n + ".png") == dict(prompt=prompt, base=False, guidance=g, grid=False)
+    assert parse_preview_name("cat__g3.5.png")["guidance"] == 3.5
     assert parse_preview_name(BASE_PREFIX + "cat.png")["base"]
     with pytest.raises(ValueError, match=">= 0"): guidance_image_name("cat", -1)
 
@@ -307,7 +310,7 @@ def test_guidance_live_request(run):
     assert gp.pending_requests() == []
     s = gp.shown()
     assert (s["source"], s["id"], s["step"], s["guidance"]) == ("run", 1, 5, [1.0, 4.0, 2.5])
-    assert s["names"] == ["cat__g1", "cat__g4", "cat__g2.5", "dog__g1", "dog__g4", "dog__g2.5"]
+    assert s["names"] == ["cat__g1", "cat__g4", "cat__g2p5", "dog__g1", "dog__g4", "dog__g2p5"]
     labels = [c.children[1].value for c in gp.images.children]
     assert labels[:2] == ["cat · g=1", "cat · g=4"]
     assert _decode(gp.images.children[2].children[0].value).getpixel((0, 0)) == (25, 0, 0)
@@ -317,8 +320,6 @@ def test_guidance_live_request(run):
     run.log_event("run_end", status="stopped", step=5)
     gp.refresh()
     assert not gp.live and gp.pending_requests() == [] and 2 in gp.unserved and "ended" in gp.preview_note.value
-    gp.schedule_button.click()
-    assert read_control(run.control_path)["preview_guidance"] == [1.0, 4.0, 2.5]
     assert gp.errors == []
 
 
@@ -406,3 +407,89 @@ def test_dashboard_live_run_in_another_process(tmp_path, table):
 def test_import_is_light():
     code = "import sys, flux2_kit.panels; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+# --- a real flux2-tiny run: 2 gloo processes, steered through the Dashboard's widgets ------------------------------------
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _events(run_dir, kind):
+    from flux2_kit.runlog import read_events
+    return read_events(Path(run_dir) / "events.jsonl", types=[kind])
+
+
+def test_dashboard_steers_a_real_two_process_run(tmp_path):
+    "`launch(num_processes=2, block=False)` (gloo): loss, grid, a guidance preview, pause/resume, stop, render after."
+    from flux2_kit.checkpoint import latest_checkpoint, load_checkpoint
+    from flux2_kit.launch import launch
+    from flux2_kit.trainer import tiny_config
+    cfg = tiny_config(tmp_path, validation_steps=5, checkpointing_steps=20, checkpoints_total_limit=2,
+                      max_train_steps=100000)
+    cfg.save(tmp_path / "config.json")
+    out = Path(cfg.output_dir)
+    db = Dashboard(out, config=tmp_path / "config.json", guidance=[1.0, 4.0])
+    assert db.inspector.histogram() == [("64x64", 4)]  # scanned from the config before any model is loaded
+    h = launch(tmp_path / "config.json", num_processes=2, block=False)
+    db.start(interval=0.2)  # after the fork: the children get no refresh thread
+    try:
+        assert _until(lambda: len(db.monitor.losses()) >= 3 and db.grid.available_steps() or h.done,
+                      180) and not h.done, f"the run did not start: {h.results()}"
+        assert db.guidance.live and db.monitor.status == "running"
+        rid = db.guidance.request()  # the preview list [1, 4] -> control.json; rank 0 renders between steps
+        assert _until(lambda: (db.guidance.shown() or {}).get("id") == rid, 60)
+        db.monitor.pause_button.click()
+        assert _until(lambda: db.monitor.status == "paused", 30)
+        paused_at = db.monitor.latest()["step"]
+        time.sleep(1.5); db.refresh()
+        assert db.monitor.latest()["step"] == paused_at  # no step while paused
+        db.monitor.resume_button.click()
+        assert _until(lambda: db.monitor.latest()["step"] >= paused_at + 3, 30)
+        db.monitor.stop_button.click()
+        res = h.wait(120)
+        assert [r["status"] for r in res] == ["stopped", "stopped"] and res[0]["lora_sha256"] == res[1]["lora_sha256"]
+        assert _until(lambda: db.monitor.status == "stopped", 10)
+    finally:
+        db.stop()
+        if not h.done: h.kill()
+    assert db.all_errors() == [] and db.monitor.training_errors == []
+    # the monitor shows exactly what the run logged
+    steps = _events(out, "step")
+    assert db.monitor.losses() == [(e["step"], pytest.approx(e["loss"])) for e in steps]
+    assert sum(b["count"] for b in db.monitor.sigma_bins()) == sum(len(e["sigma"]) for e in steps)
+    d = db.monitor.latest()
+    assert (d["step"], d["max_steps"]) == (steps[-1]["step"], 100000) and d["samples_per_s"] > 0
+    assert db.monitor.cache_progress() == {"text": (7, 7), "latents": (4, 4)}
+    assert [e["action"] for e in _events(out, "control") if e["action"] != "preview_now"] == ["pause", "resume", "stop"]
+    # Stop ended the run with a committed checkpoint of its last step
+    end = _events(out, "run_end")[-1]
+    ck = latest_checkpoint(out / "checkpoints")
+    assert end["status"] == "stopped" and ck is not None and load_checkpoint(ck)["step"] == end["step"] == d["step"]
+    assert db.monitor.stop_button.disabled
+    # the grid: every validation step folder, the base row, the prompt library
+    val = [e["step"] for e in _events(out, "preview") if e["request_id"] is None]
+    assert db.grid.available_steps() == val and val[0] == 0 and db.grid.prompts() == ["cat", "cup"]
+    assert db.grid.table()["cat"][-1] == str(out / "previews" / "step-000000" / "base__cat.png")
+    # the live guidance preview: the trainer's request answer, side by side
+    ans = next(e for e in _events(out, "preview") if e["request_id"] == rid)
+    s = db.guidance.shown()
+    assert (s["source"], s["step"], s["guidance"]) == ("run", ans["step"], [1.0, 4.0])
+    assert sorted(s["names"]) == sorted(Path(n).stem for n in ans["images"]) and "cat__g4" in s["names"]
+    g1, g4 = (_decode(c.children[0].value) for c in db.guidance.images.children if "cat ·" in c.children[1].value)
+    assert g1.size == (64, 64) and g1.tobytes() != g4.tobytes()  # guidance changes the image
+    # buckets: histogram, the 6 files max_num_samples left out, captions from the scan
+    assert db.inspector.histogram() == [("64x64", 4)]
+    assert [r["code"] for r in db.inspector.report_rows(level="skip")] == ["max_num_samples"] * 6
+    assert db.inspector.caption("astronaut") == (tmp_path / "datasets" / "flux2-sample" / "astronaut.txt").read_text().strip()
+    # after the run: Preview renders from the latest checkpoint in this process, writing nothing into the run
+    n_events = len(_events(out, "message"))
+    db.guidance.values.value = [2.5]
+    db.guidance.preview_button.click(); db.guidance.wait(180)
+    assert db.all_errors() == []
+    s = db.guidance.shown()
+    assert (s["source"], s["step"], sorted(s["names"])) == ("render", end["step"], ["cat__g2p5", "cup__g2p5"])
+    assert ck.name in db.guidance.preview_note.value and len(_events(out, "message")) == n_events
