@@ -14,13 +14,15 @@ notebooks with tools from PyPI:
    doc links become links between pages, and Sphinx (myst-nb, furo theme) writes the HTML with nbdev's page names
    (`00_tiny.ipynb` -> `tiny.html`) and Pandoc's heading anchors (`tiny.html#flux2_tiny`).
 
-usage: python docs/build.py [NOTEBOOK_OR_GLOB ...] [--no-exec] [--out site] [--workers N] [--force] [--strict]
+usage: python docs/build.py [NOTEBOOK_OR_GLOB ...] [--no-exec] [--complete] [--out site] [--workers N] [--force] [--strict]
 Paths are relative to the current folder.
 Notebooks default to every notebook under nbs/ (nbdev's `nbglob`); `--no-exec` runs only the exported cells and
-`show_doc` (a quick structural build).
+`show_doc` (a quick structural build). A partial build's links to pages it did not build do not resolve (Sphinx
+warns, `--strict` fails): `--complete` adds every other notebook as a structural page, so the site is whole.
 """
 from __future__ import annotations
 import argparse, glob, hashlib, os, re, shutil, sys, time
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -254,6 +256,16 @@ def _toctree(caption: str, pages: list[str]) -> str:
     return "```{toctree}\n:hidden:\n:caption: " + caption + "\n\n" + "\n".join(pages) + "\n```"
 
 
+def tutorial_order() -> list[str]:
+    "Page names of the tutorials in the order of the Tutorials menu in nbs/_quarto.yml (what Quarto's navbar shows)."
+    import yaml
+    q = yaml.safe_load((_cfg().nbs_path / "_quarto.yml").read_text()) or {}
+    menus = [i for i in q.get("website", {}).get("navbar", {}).get("left", []) or []
+             if isinstance(i, dict) and i.get("text") == "Tutorials"]
+    nbs = _cfg().nbs_path.resolve()
+    return [page_name(nbs / m).as_posix() for m in (menus[0].get("menu", []) if menus else [])]
+
+
 def add_navigation(pages_dir: Path, pages: list[Path]):
     "Sphinx's navigation: hidden toctrees in the home page, one per sub-folder (tutorials), then the API reference."
     from execnb.nbio import read_nb, write_nb, mk_cell
@@ -263,6 +275,9 @@ def add_navigation(pages_dir: Path, pages: list[Path]):
     for p in pages:
         if p.as_posix() == "index": continue
         groups.setdefault(p.parts[0] if len(p.parts) > 1 else "", []).append(p.as_posix())
+    order = tutorial_order()
+    if "tutorials" in groups:  # reading order from nbs/_quarto.yml's navbar, then any others by name
+        groups["tutorials"].sort(key=lambda p: (order.index(p) if p in order else len(order), p))
     nb = read_nb(home)
     for folder in sorted(k for k in groups if k):
         nb.cells.append(mk_cell(_toctree(folder.replace("_", " ").capitalize(), groups[folder]), "markdown"))
@@ -290,22 +305,31 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="notebooks run in parallel")
     ap.add_argument("--force", action="store_true", help="re-execute notebooks even when the cache is current")
     ap.add_argument("--strict", action="store_true", help="turn Sphinx warnings into errors")
+    ap.add_argument("--complete", action="store_true",
+                    help="with named notebooks: build every other notebook too, structurally (exports + show_doc), "
+                         "so that every page exists and every link resolves (the browser test's site)")
     a = ap.parse_args(argv)
     t0 = time.time()
     out = Path(a.out).resolve()
     nbs = select_notebooks([str(Path(p).absolute()) for p in a.notebooks])
     cfg = _cfg()
     if not any(p == cfg.nbs_path.resolve() / "index.ipynb" for p in nbs): nbs.insert(0, cfg.nbs_path.resolve() / "index.ipynb")
+    run = {p: not a.no_exec for p in nbs}
+    if a.complete: run |= {p: False for p in select_notebooks([]) if p not in run}  # the rest: structural pages
+    nbs = list(run)
     pages_dir = BUILD / "src"
     shutil.rmtree(pages_dir, ignore_errors=True)
-    # a fresh interpreter per notebook (spawned, one task per process), as nbdev_test gives each notebook
-    with get_context("spawn").Pool(a.workers, maxtasksperchild=1) as pool:
-        jobs = [pool.apply_async(build_one, (p, BUILD / "exec", pages_dir, not a.no_exec, a.force)) for p in nbs]
+    # a fresh interpreter per notebook (spawned, one task per process), as nbdev_test gives each notebook; not a
+    # multiprocessing.Pool: its workers are daemonic and may not start processes (`flux2_kit.launch` does)
+    fresh = dict(max_tasks_per_child=1) if sys.version_info >= (3, 11) else {}  # 3.10: workers are reused
+    with ProcessPoolExecutor(a.workers, mp_context=get_context("spawn"), **fresh) as pool:
+        jobs = [pool.submit(build_one, p, BUILD / "exec", pages_dir, run[p], a.force) for p in nbs]
         failed = []
         for p, job in zip(nbs, jobs):
             try:
-                name, secs, cached = job.get()
-                print(f"  {name}: {'cached' if cached else f'{secs:.1f}s'}", flush=True)
+                name, secs, cached = job.result()
+                how = "" if run[p] else " (structural)"
+                print(f"  {name}{how}: {'cached' if cached else f'{secs:.1f}s'}", flush=True)
             except Exception as e:
                 failed.append(p); print(f"FAILED {p}:\n{e}", file=sys.stderr, flush=True)
     if failed: raise SystemExit(f"docs/build.py: {len(failed)} notebook(s) failed: " + ", ".join(map(str, failed)))

@@ -1,13 +1,15 @@
 """The docs site in a real browser: Debian's Chromium driven by Playwright, against the site docs/build.py writes.
 
-The site is built from nbs/index.ipynb, nbs/00_tiny.ipynb, nbs/01_sample.ipynb and nbs/tutorials/flux2_tiny.ipynb
-(executed notebooks are cached under build/docs/exec, so a second run only re-renders), or taken as it is from
+The site is built from nbs/index.ipynb, nbs/00_tiny.ipynb, nbs/01_sample.ipynb and nbs/tutorials/flux2_tiny.ipynb,
+executed, plus every other notebook as a structural page (exports + show_doc: `--complete`), so every page exists and
+every link resolves (executed notebooks are cached under build/docs/exec, so a second run only re-renders; the build
+time is printed), or taken as it is from
 $FLUX2_KIT_DOCS_SITE (e.g. `site/` after `make docs`). It is served by http.server on 127.0.0.1; every same-origin
 link from every page must answer 200 and every `#anchor` must exist. Screenshots go to build/docs_screens/.
 Without /usr/bin/chromium the test skips, except under CI (or FLUX2_KIT_REQUIRE_CHROMIUM=1), where it fails:
 install it with `apt-get install -y chromium`; never `playwright install`.
 """
-import functools, http.server, json, os, re, subprocess, sys, threading
+import functools, http.server, json, os, re, subprocess, sys, threading, time
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlparse
 
@@ -31,16 +33,24 @@ def _need(ok: bool, why: str):
     pytest.skip(why)
 
 
+def _say(request, msg: str):
+    "Print `msg` on the terminal even while pytest captures output (the site build's time belongs in CI logs)."
+    cap = request.config.pluginmanager.getplugin("capturemanager")
+    with cap.global_and_fixture_disabled(): print(f"\n[test_docs_browser] {msg}", flush=True)
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
+def site(tmp_path_factory, request) -> Path:
     if os.environ.get("FLUX2_KIT_DOCS_SITE"):
         out = Path(os.environ["FLUX2_KIT_DOCS_SITE"]).resolve()
         assert (out / "index.html").exists(), f"FLUX2_KIT_DOCS_SITE={out} has no index.html: run `make docs` first"
         return out
     out = tmp_path_factory.mktemp("site")
-    r = subprocess.run([sys.executable, "docs/build.py", *NOTEBOOKS, "--out", str(out), "--strict"], cwd=ROOT,
-                       capture_output=True, text=True)
+    t = time.time()
+    r = subprocess.run([sys.executable, "docs/build.py", *NOTEBOOKS, "--complete", "--out", str(out), "--strict"],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, f"docs/build.py failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+    _say(request, f"site built in {time.time() - t:.0f}s:\n{r.stdout.strip()}")
     return out
 
 
@@ -203,3 +213,18 @@ def test_every_internal_link_resolves(page, server):
             assert not frag or frag in anchors[target], f"{src} links to {target}#{frag}, which has no such anchor"
     pages = {urlparse(u).path for u in anchors}
     assert {"/", "/tiny.html", "/sample.html", "/tutorials/flux2_tiny.html"} <= pages, pages
+
+
+def test_tutorials_menu_lists_every_tutorial():
+    "nbs/_quarto.yml's Tutorials menu (Quarto's navbar; the offline site's order) names exactly the tutorial notebooks."
+    import yaml
+    q = yaml.safe_load((ROOT / "nbs" / "_quarto.yml").read_text())
+    (menu,) = [i["menu"] for i in q["website"]["navbar"]["left"] if i.get("text") == "Tutorials"]
+    have = sorted(p.relative_to(ROOT / "nbs").as_posix() for p in (ROOT / "nbs" / "tutorials").glob("*.ipynb"))
+    missing = sorted(set(have) - set(menu))
+    assert not missing, f"add {missing} to the Tutorials menu in nbs/_quarto.yml"
+    gone = sorted(set(menu) - set(have))
+    assert not gone, f"nbs/_quarto.yml's Tutorials menu names {gone}, which do not exist: remove them or add the notebooks"
+    readme = (ROOT / "README.md").read_text()
+    unlinked = [m for m in menu if f"(nbs/{m})" not in readme]
+    assert not unlinked, f"README.md (from nbs/index.ipynb) does not link {unlinked}"

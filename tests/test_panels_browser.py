@@ -142,13 +142,17 @@ def test_dashboard_in_browser_steers_two_process_run(voila):
             page.mouse.up()
             page.wait_for_function("(b) => parseFloat(document.querySelector('.widget-slider .widget-readout')"
                                    ".textContent) !== b", arg=before, timeout=10_000)
-            g = float(readout.inner_text())
-            assert g > before
+            assert float(readout.inner_text()) > before
+            page.wait_for_timeout(1_000)  # let the slider's last value reach the kernel (updates are throttled)
             page.get_by_role("button", name="Preview").click()
-            label = f"cat · g={g:g}"
-            page.get_by_text(label, exact=True).wait_for(timeout=120_000)
+            # the kernel's request line says which guidance it asked the run for (the slider value it had on the click)
+            req = page.locator(".widget-html", has_text="request #1").first
+            req.wait_for(timeout=60_000)
+            import re
+            g = float(re.search(r"guidance ([\d.]+)", req.inner_text()).group(1))
+            assert g > before, (g, before)
+            page.get_by_text(f"cat · g={g:g}", exact=True).wait_for(timeout=120_000)
             page.get_by_text(f"cup · g={g:g}", exact=True).wait_for(timeout=10_000)
-            assert page.locator(".widget-html", has_text="request #1").count() >= 1
             page.screenshot(path=str(SCREENS / "panels-3-guidance.png"), full_page=True)
 
             # Stop: the run checkpoints and ends; the monitor says so
