@@ -35,6 +35,7 @@ export-check: env
 clean-check: env
 	$(BIN)/python .ci/check_clean.py
 	$(BIN)/python .ci/readme.py --check
+	$(BIN)/python docs/check_nbdev_docs.py  # nbdev_docs' processing (exported + import cells) without Quarto
 
 lint: env
 	$(BIN)/python .ci/check_exports.py

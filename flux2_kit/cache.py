@@ -14,8 +14,9 @@ import torch
 
 # %% auto #0
 __all__ = ['INDEX_NAME', 'FORMAT_VERSION', 'PIXELS_VERSION', 'CacheStats', 'ShardStore', 'text_embed_key', 'TextEmbedCache',
-           'cache_text_embeds', 'LatentRequest', 'as_request', 'load_rgb', 'request_pixels', 'vae_identity',
-           'image_sha256', 'loader_id', 'latent_key', 'encode_images', 'LatentCache', 'cache_latents']
+           'cache_text_embeds', 'LatentRequest', 'as_request', 'load_rgb', 'request_bytes', 'request_pixels',
+           'vae_identity', 'image_sha256', 'request_sha256', 'loader_id', 'latent_key', 'encode_images', 'LatentCache',
+           'cache_latents']
 
 # %% ../nbs/05_cache.ipynb #0411eb60
 @dataclass
@@ -308,6 +309,7 @@ class LatentRequest:
     path: str  # image file
     crop_box: tuple  # (left, top, right, bottom) in pixels of the EXIF-transposed image
     target_size: tuple  # (width, height) of the resized crop, multiples of 16
+    data: bytes | Callable | None = field(default=None, compare=False, hash=False, repr=False)  # an image with no file (a `datasets` row): its encoded bytes, or a no-argument callable returning them; `path` then only names it
 
     def __post_init__(self):
         object.__setattr__(self, "path", str(self.path))
@@ -326,12 +328,12 @@ def as_request(item) -> LatentRequest:
     if isinstance(item, (tuple, list)) and len(item) == 3: return LatentRequest(*item)
     crop = getattr(item, "crop_box", None) or getattr(item, "crop", None)
     if hasattr(item, "path") and crop is not None and getattr(item, "target_size", None) is not None:
-        return LatentRequest(item.path, crop, item.target_size)
+        return LatentRequest(item.path, crop, item.target_size, getattr(item, "data", None))
     raise TypeError(f"cannot make a LatentRequest from {item!r}: give (path, crop_box, target_size) or an object "
                     f"with .path, .crop_box and .target_size")
 
 # %% ../nbs/05_cache.ipynb #6e99eb5d
-def load_rgb(path: str | Path,  # image file
+def load_rgb(path,  # image file (path or file object)
             ):
     "PIL image, EXIF orientation applied, in RGB (a minimal stand-in for `flux2_kit.data.load_image`)."
     from PIL import Image, ImageOps
@@ -339,13 +341,22 @@ def load_rgb(path: str | Path,  # image file
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
 
+def request_bytes(req: LatentRequest,  # a request with in-memory `data`
+                 ) -> bytes:
+    "The encoded image bytes of an in-memory request (calling `data` when it is a callable)."
+    b = req.data() if callable(req.data) else req.data
+    if not isinstance(b, (bytes, bytearray, memoryview)) or len(b) == 0:
+        raise ValueError(f"{req.path}: the in-memory image holds no bytes (got {type(b).__name__})")
+    return bytes(b)
+
 def request_pixels(req: LatentRequest,  # what to load
-                   loader: Callable | None = None,  # path -> PIL RGB image; default `load_rgb`
+                   loader: Callable | None = None,  # path or file object -> PIL RGB image; default `load_rgb`
                   ) -> torch.Tensor:
-    "The cropped, resized image of `req` as a `(3, h, w)` tensor in [-1, 1]."
+    "The cropped, resized image of `req` (its file, or its in-memory bytes) as a `(3, h, w)` tensor in [-1, 1]."
+    import io
     import numpy as np
     from PIL import Image
-    img = (loader or load_rgb)(req.path)
+    img = (loader or load_rgb)(req.path if req.data is None else io.BytesIO(request_bytes(req)))
     w, h = img.size
     l, t, r, b = req.crop_box
     if r > w or b > h:
@@ -369,6 +380,10 @@ def image_sha256(path: str | Path) -> str:
     "sha256 of an image file's bytes."
     return _sha256_file(Path(path))
 
+def request_sha256(req: LatentRequest) -> str:
+    "sha256 of a request's encoded image: its file's bytes, or its in-memory bytes (the same image, the same key)."
+    return image_sha256(req.path) if req.data is None else hashlib.sha256(request_bytes(req)).hexdigest()
+
 PIXELS_VERSION = "crop-then-lanczos-v1"  # how request_pixels turns a file into pixels: part of every latent key
 
 def loader_id(loader: Callable | None) -> str:
@@ -377,7 +392,7 @@ def loader_id(loader: Callable | None) -> str:
     return f"{getattr(loader, '__module__', '?')}.{getattr(loader, '__qualname__', type(loader).__name__)}"
 
 def latent_key(req: LatentRequest,  # the request
-               image_sha: str,  # `image_sha256(req.path)`
+               image_sha: str,  # `request_sha256(req)` (`image_sha256(req.path)` for a file)
                vae_id: str,  # `vae_identity(vae)`
                loader: str = "flux2_kit.cache.load_rgb",  # `loader_id(loader)`
               ) -> str:
@@ -450,8 +465,8 @@ def cache_latents(vae,  # AutoencoderKLFlux2 (from `load_vae`)
     shas, keys = {}, {}
     for r in dict.fromkeys(reqs):
         try:
-            if r.path not in shas: shas[r.path] = image_sha256(r.path)
-        except OSError as e:
+            if r.path not in shas: shas[r.path] = request_sha256(r)
+        except Exception as e:  # a missing file, an in-memory image without bytes: reported, the pass goes on
             stats.failed.append((r.path, str(e))); continue
         keys[r] = latent_key(r, shas[r.path], vid, lid)
     rank, n, _ = _dist(dist)

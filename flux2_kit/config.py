@@ -430,7 +430,7 @@ class Config:
     data_backend_config: str | None = None  # multidatabackend.json; loaded into `datasets`
     resolution: int | float = 1024  # default `resolution` for datasets that set none
     resolution_type: str = "pixel_area"  # default `resolution_type` for datasets that set none
-    caption_strategy: str = "filename"  # default `caption_strategy` for datasets that set none
+    caption_strategy: str = "filename"  # default `caption_strategy` for the datasets that set none and whose type it fits (type huggingface: "huggingface")
     minimum_image_size: int | float | None = None  # default `minimum_image_size` for datasets that set none
     maximum_image_size: int | float | None = None  # default `maximum_image_size` for datasets that set none
     caption_dropout_probability: float = 0.0  # default per-dataset caption dropout (empty prompt) for datasets that set none
@@ -451,6 +451,7 @@ class Config:
     group_offload_vae: bool = False  # group-offload the VAE while caching latents too
     tread_config: dict | None = None  # TREAD token routing (training only): {"routes": [...]}; see check_tread_config
     compile_transformer: bool = False  # flux2_kit: torch.compile each transformer block (regional, inductor); compiles on the first step
+    fsdp_enable: bool = False  # several processes: shard the transformer with FSDP2 instead of DDP (flux2_kit.launch's strategy default)
     memory_check: bool = True  # plan memory before loading anything and refuse a run that cannot fit (see flux2_kit.plan)
     gpu_memory_gb: float | None = None  # memory per GPU the plan is checked against (None: the CUDA device's own; no GPU: not checked)
     # --- logging ---------------------------------------------------------------------------------------------------
@@ -641,7 +642,7 @@ class DatasetSpec:
     target_downsample_size: int | float | None = None  # see maximum_image_size
     minimum_aspect_ratio: float | None = None  # skip images with w/h below this
     maximum_aspect_ratio: float | None = None  # skip images with w/h above this
-    caption_strategy: str = "filename"  # "filename" | "textfile" (.txt beside the image) | "instanceprompt" | "parquet" | "huggingface"
+    caption_strategy: str | None = None  # "filename" | "textfile" (.txt beside the image) | "instanceprompt" | "parquet" | "huggingface"; None: by type ("huggingface" for type huggingface, else "filename")
     instance_prompt: str | None = None  # instanceprompt: the caption of every image; prepend_instance_prompt: the prefix
     prepend_instance_prompt: bool = False  # put instance_prompt in front of every caption
     only_instance_prompt: bool = False  # use instance_prompt instead of every caption
@@ -679,6 +680,7 @@ def _check_dataset(d: DatasetSpec):
     "Rules that involve several keys of one dataset entry; fills the per-kind defaults."
     set_ = lambda k, v: object.__setattr__(d, k, v)
     if not d.id.strip(): raise ConfigError("'id' is empty", "id", d.id)
+    if d.caption_strategy is None: set_("caption_strategy", "huggingface" if d.type == "huggingface" else "filename")
     if d.default and d.dataset_type != "text_embeds":
         raise ConfigError("'default' applies to text_embeds datasets only", "default", d.default)
     if d.conditioning_data and d.dataset_type != "image":
@@ -835,6 +837,12 @@ def _dataset_kwargs(entry: dict, i: int) -> dict:
     if "id" not in out: raise ConfigError(f"{where}: 'id' is missing (every dataset needs a unique id)", "id", None)
     return out
 
+def _default_fits(key: str, value, entry: dict) -> bool:
+    "Does the config's global default `key`=`value` apply to this entry? A global caption_strategy applies only to the storage type it fits."
+    if key != "caption_strategy" or value is None: return True
+    hf = str(entry.get("type", "local")).strip().lower() == "huggingface"
+    return (value == "huggingface") == hf
+
 def load_databackend(src: str | os.PathLike | list,  # multidatabackend.json path, or its parsed list
                      base_dir: str | os.PathLike | None = None,  # relative paths resolve against this; default: cwd
                      defaults: dict | None = None,  # values for keys an entry leaves out (load_config passes the config's)
@@ -850,7 +858,8 @@ def load_databackend(src: str | os.PathLike | list,  # multidatabackend.json pat
         specs = []
         for i, e in enumerate(entries):
             if not isinstance(e, dict): raise ConfigError(f"entry {i} is {type(e).__name__}, not an object", None, e)
-            kw = {**{k: v for k, v in (defaults or {}).items() if k in names}, **_dataset_kwargs(e, i)}
+            own = _dataset_kwargs(e, i)
+            kw = {**{k: v for k, v in (defaults or {}).items() if k in names and _default_fits(k, v, own)}, **own}
             s = DatasetSpec(**kw)
             specs.append(dataclasses.replace(s, **{k: _resolve(getattr(s, k), base) for k in
                                                    ("instance_data_dir", "cache_dir", "cache_dir_vae")}))

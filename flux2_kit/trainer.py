@@ -13,9 +13,9 @@ from .runlog import RunDir, stable_hash
 # %% auto #0
 __all__ = ['EVENTS', 'DEFAULT_CALLBACKS', 'BASE_PREFIX', 'OOM_ADVICE', 'CancelStepException', 'CancelEpochException',
            'CancelFitException', 'TrainingError', 'Callback', 'run_callbacks', 'Trainer', 'accelerator', 'is_main',
-           'rundir', 'tiny_config', 'validation_prompts', 'flow_settings', 'rollout_settings', 'updates_per_epoch',
-           'max_steps', 'MixedSampler', 'data_sampler', 'ProgressCB', 'RunDirCB', 'NonFiniteCB', 'CheckpointCB',
-           'PreviewCB', 'ControlCB', 'TrackerCB']
+           'rundir', 'strategy', 'tiny_config', 'validation_prompts', 'flow_settings', 'rollout_settings',
+           'updates_per_epoch', 'max_steps', 'MixedSampler', 'data_sampler', 'ProgressCB', 'RunDirCB', 'NonFiniteCB',
+           'CheckpointCB', 'PreviewCB', 'ControlCB', 'TrackerCB']
 
 # %% ../nbs/11_trainer.ipynb #6bc7b1eb
 class CancelStepException(Exception): "Raised in `before_step` to skip this micro-batch."
@@ -53,9 +53,12 @@ class Trainer:
                  progress: bool = True,  # tqdm progress bars
                  accelerator=None,  # an `accelerate.Accelerator` to use (default: made on first use)
                  nonfinite: str = "stop",  # NaN/inf loss: "stop" (raise TrainingError) or "skip" (skip the update)
+                 strategy: str | None = None,  # several processes: "ddp" or "fsdp2" (torch's fully_shard); None: the config's fsdp_enable
                 ):
         self.cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
         if nonfinite not in ("stop", "skip"): raise ValueError(f"nonfinite={nonfinite!r} must be 'stop' or 'skip'")
+        if strategy not in (None, "ddp", "fsdp2"): raise ValueError(f"strategy={strategy!r} must be 'ddp' or 'fsdp2'")
+        self._strategy = strategy
         self.progress, self.nonfinite, self._accelerator = progress, nonfinite, accelerator
         self.callbacks = ([cb() for cb in DEFAULT_CALLBACKS] if default_callbacks else []) + list(callbacks or [])
         self.step, self.epoch = 0, 0  # optimizer updates done, epochs started
@@ -102,6 +105,13 @@ def rundir(self: Trainer) -> RunDir:
     "The run directory (`output_dir`); only rank 0 writes."
     if self._rundir is None: self._rundir = RunDir(self.cfg.output_dir, is_main=self.is_main)
     return self._rundir
+
+@_p
+def strategy(self: Trainer) -> str:
+    "How several processes share the transformer: 'ddp', or 'fsdp2' (the argument, else `fsdp_enable` with >1 process)."
+    if self._strategy is None:
+        self._strategy = "fsdp2" if self.cfg.fsdp_enable and self.accelerator.num_processes > 1 else "ddp"
+    return self._strategy
 
 def _tracker_kwargs(cfg) -> dict:
     "`log_with` for accelerate's trackers, with a clear error when one is not installed."
@@ -248,8 +258,13 @@ def validation_prompts(self: Trainer) -> dict:
     return {f"caption_{i}": it.captions[0] for i, it in enumerate(items)}
 
 def _latent_request(x):
+    "The cache's request for an Item: its file, or (an image stored inside a `datasets` table) its row's bytes."
+    import functools
     from flux2_kit.cache import LatentRequest
-    return LatentRequest(x.path, tuple(x.crop), tuple(x.target))
+    from flux2_kit.data import item_bytes
+    it = getattr(x, "item", x)  # an Item, or flux2_kit.data's LatentRequest naming one
+    data = None if getattr(it, "source", None) is None else functools.partial(item_bytes, it)  # read when hashed / encoded, not kept
+    return LatentRequest(x.path, tuple(x.crop), tuple(x.target), data=data)
 
 @patch
 def cache(self: Trainer, free_text_encoder: bool = True):
@@ -325,12 +340,19 @@ def build_lora(self: Trainer):
     if c.compile_transformer:  # regional torch.compile of the blocks; compiles on the first step
         from flux2_kit.train import compile_blocks
         compile_blocks(tr)
+    if self.strategy == "fsdp2":  # shard every block, then the root, before the optimizer sees the parameters
+        from flux2_kit.launch import fsdp2_wrap
+        fsdp2_wrap(tr, acc)
     opt = make_optimizer(tr, c.optimizer, lr=c.learning_rate, weight_decay=c.adam_weight_decay,
                          betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
     sched = make_lr_scheduler(opt, c.lr_scheduler, warmup_steps=c.lr_warmup_steps, total_steps=self.max_steps,
                               num_cycles=c.lr_num_cycles, power=c.lr_power, num_processes=acc.num_processes)
-    self.transformer, self.optimizer, self.lr_scheduler = prepare_training(acc, tr, opt, sched,
-                                                                          c.gradient_checkpointing)
+    if self.strategy == "fsdp2":  # already sharded: accelerate prepares only the optimizer and scheduler (no DDP)
+        if c.gradient_checkpointing: tr.enable_gradient_checkpointing()
+        tr.train()
+        self.transformer, (self.optimizer, self.lr_scheduler) = tr, acc.prepare(opt, sched)
+    else: self.transformer, self.optimizer, self.lr_scheduler = prepare_training(acc, tr, opt, sched,
+                                                                                c.gradient_checkpointing)
     return self.lora_info
 
 @_p
@@ -444,6 +466,14 @@ def _global_draws(self: Trainer):
     g.set_state(start); torch.randn(n * b * per, generator=g, device=g.device)
 
 @patch
+def begin(self: Trainer):
+    "Start the run once: the `before_fit` callbacks (run.json, run_start, progress bar, control file); `train_epoch` and `fit` call it, later calls do nothing."
+    if getattr(self, "_begun", False): return
+    self._begun = True  # set first: a before_fit callback may call back into the Trainer (PreviewCB -> preview)
+    if getattr(self, "status", None) != "running": self.status = "running"
+    run_callbacks(self.callbacks, "before_fit", self)
+
+@patch
 def train_epoch(self: Trainer, max_steps: int | None = None):
     "Train until the end of the current epoch (or `max_steps` updates in total); returns this epoch's step results."
     import functools
@@ -454,6 +484,7 @@ def train_epoch(self: Trainer, max_steps: int | None = None):
     c, acc = self.cfg, self.accelerator
     limit = self.max_steps if max_steps is None else max_steps
     rollout, results = self.rollout_settings, []
+    self.begin()  # cell by cell, the first train_epoch starts the run (fit already did)
     run_callbacks(self.callbacks, "before_epoch", self)
     try:
         batches = iter(self.data_sampler)
@@ -465,6 +496,8 @@ def train_epoch(self: Trainer, max_steps: int | None = None):
             try: run_callbacks(self.callbacks, "before_step", self)
             except CancelStepException: continue
             t0 = time.perf_counter()
+            if self.strategy == "fsdp2" and c.gradient_accumulation_steps > 1:  # accelerate's next micro-step syncs?
+                self.transformer.set_requires_gradient_sync((acc.step + 1) % c.gradient_accumulation_steps == 0)
             with _global_draws(self) as sigmas:
                 loss_fn = None if rollout is None else functools.partial(  # scheduled sampling (off by default)
                     flow_match_loss_with_rollout, rollout=rollout, step=self.step)
@@ -498,7 +531,7 @@ def preview(self: Trainer,
     c = self.cfg
     if self.transformer is None: self.build_lora()
     if self.text_cache is None: self.cache()
-    if not self.is_main: return {}
+    if not self.is_main and self.strategy != "fsdp2": return {}  # FSDP2: every rank takes part in the forwards
     t0 = time.perf_counter()
     pipe = validation_pipeline(self.transformer, self.vae, _scheduler(self))
     prompts = self.validation_prompts
@@ -513,6 +546,7 @@ def preview(self: Trainer,
         base = preview(pipe, prompts, self.text_cache, guidance=c.validation_guidance, use_lora=False, **kw)
         self.preview_rows.append(("base", base))
         images.update({f"{BASE_PREFIX}{n}": im for n, im in base.items()})
+    if not self.is_main: return {}
     grid = None
     if guidance is None:
         self.preview_rows.append((f"step {self.step}", {n: images[n] for n in prompts}))
@@ -550,13 +584,17 @@ def save(self: Trainer) -> Path | None:
     acc = self.accelerator
     acc.wait_for_everyone()
     rng = capture_rng({"flow": self.generator})
-    if not self.is_main: return None
     opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
     sched = self.lr_scheduler.scheduler if hasattr(self.lr_scheduler, "scheduler") else self.lr_scheduler
-    p = save_checkpoint(self.rundir.checkpoints_dir, self.step, lora_state_dict(self.transformer),
-                        optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
+    if self.strategy == "fsdp2":  # a collective: every rank gathers the shards, rank 0 writes the full state
+        from flux2_kit.launch import fsdp2_full_state
+        lora, opt_state = fsdp2_full_state(self.transformer, opt)
+    if not self.is_main: return None
+    if self.strategy != "fsdp2": lora, opt_state = lora_state_dict(self.transformer), opt.state_dict()
+    p = save_checkpoint(self.rundir.checkpoints_dir, self.step, lora,
+                        optimizer_state=opt_state, scheduler_state=sched.state_dict(),
                         sampler_state=self.data_sampler.state_dict(), rng=rng, meta=self.resume_meta(),
-                        extra=dict(epoch=self.epoch), overwrite=True)
+                        extra=dict(epoch=self.epoch, strategy=self.strategy), overwrite=True)
     self.rundir.log_event("checkpoint", step=self.step, path=os.path.relpath(p, self.rundir.root))
     if self.cfg.checkpoints_total_limit: prune_checkpoints(self.rundir.checkpoints_dir, self.cfg.checkpoints_total_limit)
     return p
@@ -579,11 +617,19 @@ def resume(self: Trainer, checkpoint: str | os.PathLike | None = None) -> Path |
         if not path.is_absolute() and not path.exists(): path = root / path
     ck = load_checkpoint(path)
     check_resume_compatible(ck["meta"], self.resume_meta(), checkpoint=path)
+    saved = ck["extra"].get("strategy", "ddp")
+    if (saved == "fsdp2") != (self.strategy == "fsdp2"):
+        raise RuntimeError(f"{path} was written by a strategy={saved!r} run and its optimizer state does not fit a "
+                           f"strategy={self.strategy!r} run: resume with strategy={saved!r}, or start a new output_dir")
     model = unwrap_model(self.transformer)
-    res = set_peft_model_state_dict(model, ck["tensors"], adapter_name=adapter_name_of(model))
-    if getattr(res, "unexpected_keys", None): raise RuntimeError(f"{path}: unexpected LoRA keys {res.unexpected_keys[:5]}")
     opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-    opt.load_state_dict(ck["optimizer_state"])
+    if self.strategy == "fsdp2":  # every rank loads the full state into its shards
+        from flux2_kit.launch import fsdp2_load_full_state
+        fsdp2_load_full_state(model, opt, ck["tensors"], ck["optimizer_state"], where=path)
+    else:
+        res = set_peft_model_state_dict(model, ck["tensors"], adapter_name=adapter_name_of(model))
+        if getattr(res, "unexpected_keys", None): raise RuntimeError(f"{path}: unexpected LoRA keys {res.unexpected_keys[:5]}")
+        opt.load_state_dict(ck["optimizer_state"])
     sched = self.lr_scheduler.scheduler if hasattr(self.lr_scheduler, "scheduler") else self.lr_scheduler
     sched.load_state_dict(ck["scheduler_state"])
     self.data_sampler.load_state_dict(ck["sampler_state"])
@@ -600,11 +646,16 @@ def export(self: Trainer, formats=("diffusers", "comfyui"), out_dir=None) -> dic
     bad = [f for f in formats if f not in ("diffusers", "comfyui")]
     if bad: raise ValueError(f"export formats {bad} unknown: use 'diffusers' and/or 'comfyui'")
     self.accelerator.wait_for_everyone()
+    if self.strategy == "fsdp2":  # a collective: every rank gathers the LoRA shards, rank 0 writes
+        from flux2_kit.launch import full_lora_state_dict, save_full_lora
+        full = full_lora_state_dict(self.transformer)
     if not self.is_main: return {}
     out = Path(out_dir) if out_dir is not None else self.rundir.lora_dir
-    res = {}
-    if "diffusers" in formats: res["diffusers"] = save_lora(self.transformer, out)
-    if "comfyui" in formats: res["comfyui"] = save_comfyui(self.transformer, out / "comfyui_lora.safetensors")
+    if self.strategy == "fsdp2": res = save_full_lora(self.transformer, full, out, formats)
+    else:
+        res = {}
+        if "diffusers" in formats: res["diffusers"] = save_lora(self.transformer, out)
+        if "comfyui" in formats: res["comfyui"] = save_comfyui(self.transformer, out / "comfyui_lora.safetensors")
     self.rundir.log_event("message", text=f"exported LoRA: {', '.join(str(p) for p in res.values())}",
                           exports={k: str(v) for k, v in res.items()})
     return res
@@ -637,7 +688,11 @@ class RunDirCB(Callback):
         dt = max(time.time() - self.t0, 1e-9)
         rate = (t.step - self.s0) / dt
         rs, self.acc = self.acc, []
-        t.rundir.log_event("step", step=t.step, loss=sum(x.loss for x in rs) / len(rs), lr=r.lr,
+        loss = sum(x.loss for x in rs) / len(rs)
+        if t.accelerator.num_processes > 1:  # the mean over every rank's micro-batches (a collective: all ranks call it)
+            import torch
+            loss = float(t.accelerator.reduce(torch.tensor([loss], device=t.accelerator.device), reduction="mean").item())
+        t.rundir.log_event("step", step=t.step, loss=loss, lr=r.lr,
                            sigma=[float(s) for x in rs for s in x.sigmas], losses=[float(l) for x in rs for l in x.per_sample_loss],
                            guidance=None if r.guidance is None else [float(g) for x in rs for g in x.guidance],
                            grad_norm=r.grad_norm, samples_per_s=self.samples * t.accelerator.num_processes / dt,
@@ -746,7 +801,7 @@ def fit(self: Trainer):
     if self.transformer is None: self.build_lora()
     if self.resumed_from is None: self.resume()
     try:
-        run_callbacks(self.callbacks, "before_fit", self)
+        self.begin()  # once: not again when train_epoch cells already started the run
         while self.step < self.max_steps:
             before = self.step
             self.history += self.train_epoch()
@@ -765,9 +820,11 @@ def fit(self: Trainer):
                               step=self.step + 1, advice=getattr(err, "advice", None), files=getattr(err, "files", None))
         run_callbacks([cb for cb in self.callbacks if isinstance(cb, (ProgressCB, TrackerCB))], "after_fit", self)
         self.rundir.log_event("run_end", status=self.status, step=self.step)
+        self._begun = False  # a later fit starts a new run segment
         if err is e: raise
         raise err from e
     run_callbacks(self.callbacks, "after_fit", self)
+    self._begun = False  # a later fit starts a new run segment
     if self.status in ("completed", "stopped"): self.export()
     self.rundir.log_event("run_end", status=self.status, step=self.step)
     return self.history

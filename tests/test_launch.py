@@ -1,6 +1,6 @@
 """Multi-process runs (flux2_kit.launch) on flux2-tiny with 2 CPU (gloo) processes: identical LoRA on every rank,
-sharded caching, rank-0-only events, 2 x batch 1 == 1 x batch 2, multi-process resume, and FSDP2 sharding with
-torch's `fully_shard` over gloo."""
+sharded caching, rank-0-only events (global mean loss), 2 x batch 1 == 1 x batch 2, multi-process resume, FSDP2
+sharding with torch's `fully_shard` over gloo, and FSDP2 Trainer runs (== DDP, resume, export loadable by diffusers)."""
 import json, os, shutil, socket
 import pytest
 import torch
@@ -50,7 +50,11 @@ def test_events_from_rank0_only(runs):
     assert steps == [1, 2, 3]  # one event per step: no duplicates from rank 1
     assert [e["type"] for e in h.events(["run_start"])] == ["run_start"]
     losses = [e["loss"] for e in h.events(["step"])]
-    assert losses == pytest.approx(runs["two_results"][0]["losses"])  # rank 0's own losses
+    r0, r1 = runs["two_results"][0]["losses"], runs["two_results"][1]["losses"]
+    assert losses == pytest.approx([(a + b) / 2 for a, b in zip(r0, r1)], abs=1e-6)  # the global mean, not rank 0's
+    assert losses != pytest.approx(r0, abs=1e-4)
+    # ... which is the loss of the 1-process run on the same global batches
+    assert [e["loss"] for e in runs["one"].events(["step"])] == pytest.approx(losses, abs=1e-5)
     run = json.loads((h.run_dir.root / "run.json").read_text())
     assert run["world_size"] == 2
     ck = sorted(p.name for p in h.run_dir.checkpoints_dir.iterdir())
@@ -89,7 +93,11 @@ def test_guards(tmp_path):
         s.bind(("127.0.0.1", 0)); s.listen()
         with pytest.raises(LaunchError, match="is busy"): launch(cfg, num_processes=2, port=s.getsockname()[1])
         with pytest.raises(LaunchError, match="is busy"): check_port(s.getsockname()[1])
-    with pytest.raises(LaunchError, match="needs CUDA GPUs"): launch(cfg, num_processes=2, strategy="fsdp2")
+    with pytest.raises(LaunchError, match="needs CUDA GPUs"): launch(cfg, num_processes=2, strategy="deepspeed")
+    with pytest.raises(LaunchError, match="quanto"):
+        launch(cfg.replace(base_model_precision="int8-quanto"), num_processes=2, strategy="fsdp2")
+    with pytest.raises(LaunchError, match="enable_group_offload"):
+        launch(cfg.replace(enable_group_offload=True), num_processes=2, strategy="fsdp2")
     with pytest.raises(LaunchError, match="num_processes"): launch(cfg, num_processes=0)
 
 
@@ -154,3 +162,109 @@ def test_fsdp2_fully_shard_gloo(tmp_path, tiny_dev):
         assert torch.isfinite(torch.tensor(r["loss"]))
         assert r["moved"] > 1e-4  # the step changed the LoRA
         assert r["diff"] < 1e-5, r  # one sharded step == the unsharded step on the full batch
+
+
+# ---- FSDP2 Trainer runs on CPU (gloo): fully_shard in the Trainer, full state gathered for checkpoints/exports ----
+def _fsdp2_cfg(root, **kw):
+    return tiny_config(root / "fsdp2", max_train_steps=3, train_batch_size=1, checkpointing_steps=2,
+                       checkpoints_total_limit=3, validation_steps=2, **kw)  # previews: sharded forwards on both ranks
+
+
+@pytest.fixture(scope="module")
+def fsdp2(runs):
+    "The 2-process DDP run of `runs` again with strategy='fsdp2': same seed, config and data."
+    h = launch(_fsdp2_cfg(runs["root"]), num_processes=2, strategy="fsdp2")
+    return dict(h=h, results=h.results(), lora=load_file(h.run_dir.lora_dir / LORA))
+
+
+def h_previews(run): return run["h"].events(["preview"])
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and len(a) > 0
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_fsdp2_trainer_matches_ddp(fsdp2, runs):
+    "FSDP2 and DDP train the same LoRA: step-2 checkpoint (LoRA and AdamW state), final export, losses."
+    from flux2_kit.checkpoint import load_checkpoint
+    res = fsdp2["results"]
+    assert [r["status"] for r in res] == ["completed"] * 2 and {r["backend"] for r in res} == {"gloo"}
+    assert res[0]["lora_sha256"] == res[1]["lora_sha256"]  # the gathered LoRA is the same on both ranks
+    assert all(r["sharded_params"] > 0 for r in res)  # really sharded (DDP: no DTensor parameters)
+    assert all(r["sharded_params"] == 0 for r in runs["two_results"])
+    assert [e["step"] for e in h_previews(fsdp2)] == [0, 2, 3]  # previews ran (every rank forwards, rank 0 writes)
+    for a, b in zip(res, runs["two_results"]):  # each rank saw the same data and noise as under DDP
+        assert a["losses"] == pytest.approx(b["losses"], abs=1e-5)
+    h = fsdp2["h"]
+    losses = [e["loss"] for e in h.events(["step"])]
+    assert [e["step"] for e in h.events(["step"])] == [1, 2, 3]
+    assert losses == pytest.approx([(a + b) / 2 for a, b in zip(res[0]["losses"], res[1]["losses"])], abs=1e-6)
+    fs = load_checkpoint(h.run_dir.checkpoints_dir / "checkpoint-000002")
+    dd = load_checkpoint(runs["two"].run_dir.checkpoints_dir / "checkpoint-000002")
+    assert fs["extra"]["strategy"] == "fsdp2" and fs["step"] == 2
+    d_ck = _max_diff(fs["tensors"], dd["tensors"])
+    # AdamW state: FSDP2's is keyed by parameter name, DDP's by index, both in the optimizer's parameter order
+    names, idx = fs["optimizer_state"]["param_groups"][0]["params"], dd["optimizer_state"]["param_groups"][0]["params"]
+    assert len(names) == len(idx) == len(fs["tensors"]) and all(isinstance(n, str) for n in names)
+    d_opt = max((fs["optimizer_state"]["state"][n][m] - dd["optimizer_state"]["state"][i][m]).abs().max().item()
+                for n, i in zip(names, idx) for m in ("exp_avg", "exp_avg_sq"))
+    d_final = _max_diff(fsdp2["lora"], runs["two_lora"])
+    moved = max(v.abs().max().item() for k, v in fsdp2["lora"].items() if "lora_B" in k)
+    print(f"FSDP2 vs DDP: checkpoint-2 LoRA {d_ck:.2e}, AdamW state {d_opt:.2e}, final LoRA {d_final:.2e} "
+          f"(largest lora_B {moved:.2e})")
+    assert moved > 1e-3 and d_ck < TOL and d_opt < TOL and d_final < TOL
+
+
+def test_fsdp2_resume_and_export_loads_in_diffusers(fsdp2, runs, tiny_dev):
+    "Both ranks resume the FSDP2 run from checkpoint 2 and end where the straight run ended; diffusers loads the LoRA."
+    from flux2_kit.flow import flow_match_loss, make_generator
+    from flux2_kit.lora import lora_state_dict
+    from flux2_kit.tiny import pipeline_class
+    h = fsdp2["h"]
+    shutil.rmtree(h.run_dir.checkpoints_dir / "checkpoint-000003"); shutil.rmtree(h.run_dir.lora_dir)
+    res = launch(_fsdp2_cfg(runs["root"], resume_from_checkpoint="latest"), num_processes=2, strategy="fsdp2").results()
+    assert [os.path.basename(r["resumed_from"]) for r in res] == ["checkpoint-000002"] * 2
+    assert res[0]["lora_sha256"] == res[1]["lora_sha256"] == fsdp2["results"][0]["lora_sha256"]  # bit-identical
+    lora = load_file(h.run_dir.lora_dir / LORA)
+    assert _max_diff(lora, fsdp2["lora"]) == 0.0
+    # the exports load with diffusers (both layouts) and change the transformer's output the same way
+    g = torch.Generator().manual_seed(0)
+    batch = dict(latents=torch.randn(1, 128, 4, 4, generator=g), prompt_embeds=torch.randn(1, 8, 48, generator=g))
+    out = {}
+    for name, src in (("base", None), ("diffusers", h.run_dir.lora_dir / LORA),
+                      ("comfyui", h.run_dir.lora_dir / "comfyui_lora.safetensors")):
+        pipe = pipeline_class("dev").from_pretrained(tiny_dev)
+        if src is not None: pipe.load_lora_weights(str(src))
+        if name == "diffusers":
+            got = lora_state_dict(pipe.transformer)
+            assert _max_diff(got, {k.removeprefix("transformer."): v for k, v in lora.items()}) == 0.0
+        seen = []
+        hook = pipe.transformer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o.sample))
+        with torch.no_grad(): flow_match_loss(pipe.transformer, batch, make_generator(1), sigmas=torch.tensor([0.5]))
+        hook.remove(); out[name] = seen[0]
+    d_lora, d_comfy = (out["diffusers"] - out["base"]).abs().max().item(), (out["comfyui"] - out["diffusers"]).abs().max().item()
+    print(f"prediction: LoRA vs base {d_lora:.2e}, comfyui vs diffusers export {d_comfy:.2e}")
+    assert d_lora > 1e-4  # the LoRA changes the prediction
+    assert d_comfy < 1e-5
+
+
+def test_fsdp2_accumulation_clipping_checkpointing_match_ddp(tmp_path):
+    """gradient_accumulation_steps=2 (FSDP2 reduce-scatters only at the end of a window), a clip norm small enough to
+    clip every step (DTensor gradients), gradient checkpointing and `fsdp_enable: true` (no strategy argument) on
+    the FSDP2 side: the same LoRA as DDP."""
+    out = {}
+    for s in ("ddp", "fsdp2"):
+        cfg = tiny_config(tmp_path / s, max_train_steps=2, train_batch_size=1, gradient_accumulation_steps=2,
+                          max_grad_norm=1e-3, gradient_checkpointing=s == "fsdp2", fsdp_enable=s == "fsdp2")
+        h = launch(cfg, num_processes=2)  # the strategy comes from the config's fsdp_enable
+        assert all((r["sharded_params"] > 0) == (s == "fsdp2") for r in h.results())
+        out[s] = (load_file(h.run_dir.lora_dir / LORA), h.events(["step"]))
+    (a, ea), (b, eb) = out["ddp"], out["fsdp2"]
+    assert [e["step"] for e in eb] == [1, 2]
+    assert min(e["grad_norm"] for e in ea) > 1e-3  # every update was clipped
+    assert [e["grad_norm"] for e in eb] == pytest.approx([e["grad_norm"] for e in ea], rel=1e-5)
+    assert [e["loss"] for e in eb] == pytest.approx([e["loss"] for e in ea], abs=1e-6)
+    d = _max_diff(a, b)
+    print(f"FSDP2 vs DDP with accumulation 2 + clipping: max |diff| = {d:.2e}; grad norms {[e['grad_norm'] for e in eb]}")
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4 and d < TOL

@@ -166,3 +166,69 @@ def test_cli_and_script_train_the_tiny_config(tmp_path):
                         "--steps", "2"], env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "script" / "output" / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_cell_by_cell_with_default_callbacks_logs_events_and_checkpoints(tmp_path):
+    # the notebook workflow, each method its own cell, with the default callbacks (run dir, checkpoints, progress ...)
+    t = Trainer(tiny_config(tmp_path, max_train_steps=4, checkpointing_steps=2), progress=False)
+    t.prepare_data(); t.load_encoders(); t.cache(); t.build_lora()
+    res = t.train_epoch(max_steps=2)
+    assert t.step == 2 and len(res) == 2
+    t.preview()
+    ck = t.save()
+    ev = read_events(t.rundir.events_path)
+    assert [e["step"] for e in ev if e["type"] == "step"] == [1, 2]
+    assert [e["loss"] for e in ev if e["type"] == "step"] == [r.loss for r in res]
+    assert [e["type"] for e in ev].count("run_start") == 1 and t.rundir.run_json.exists()
+    assert ck.name == "checkpoint-000002" and latest_checkpoint(t.rundir.checkpoints_dir) == ck
+    assert load_checkpoint(ck)["step"] == 2
+    t.fit()  # goes on from step 2: before_fit is not run again
+    ev = read_events(t.rundir.events_path)
+    assert [e["step"] for e in ev if e["type"] == "step"] == [1, 2, 3, 4]
+    assert [e["type"] for e in ev].count("run_start") == 1 and [e["type"] for e in ev].count("run_end") == 1
+    assert t.status == "completed" and latest_checkpoint(t.rundir.checkpoints_dir).name == "checkpoint-000004"
+    assert (t.rundir.root / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _bytes_dataset(path):
+    "A `datasets.Dataset` whose Image column holds encoded bytes only (built from in-memory PIL images), saved to disk."
+    import datasets
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(0)
+    ims = [Image.fromarray(g.integers(0, 256, (64 + 16 * i, 80, 3), dtype=np.uint8)) for i in range(3)]
+    ds = datasets.Dataset.from_dict({"image": ims, "caption": ["a red square", "a blue circle", "a green line"]},
+                                    features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(path))
+    raw = datasets.load_from_disk(str(path)).cast_column("image", datasets.Image(decode=False))
+    assert all(r["image"]["bytes"] and not r["image"]["path"] for r in raw)  # no file behind any image
+    return path
+
+
+def test_huggingface_bytes_dataset_trains_and_hits_the_latent_cache(tmp_path):
+    data = _bytes_dataset(tmp_path / "hfds")
+    def cfg(name):  # no caption_strategy: type huggingface reads the caption column by default
+        return tiny_config(tmp_path / name, max_train_steps=2, datasets=[
+            dict(id="hf", type="huggingface", dataset_name=str(data), crop=True, crop_aspect="square", resolution=64,
+                 resolution_type="pixel_area", minimum_image_size=32, cache_dir_vae=str(tmp_path / "cache" / "vae")),
+            dict(id="text-embeds", type="local", dataset_type="text_embeds", default=True,
+                 cache_dir=str(tmp_path / "cache" / "text"))])
+    a = Trainer(cfg("a"), progress=False)
+    assert a.cfg.dataset("hf").caption_strategy == "huggingface"
+    items = a.prepare_data()["hf"].items
+    assert len(items) == 3 and all(it.path.startswith("hf://hf/") and it.source is not None for it in items)
+    assert sorted(it.caption for it in items) == ["a blue circle", "a green line", "a red square"]
+    a.fit()
+    (d, lc), = a.latent_caches.items()
+    assert (lc.stats.misses, lc.stats.hits, lc.stats.failed) == (3, 0, [])
+    assert a.step == 2 and a.status == "completed" and all(r.finite for r in a.history)
+    b = Trainer(cfg("b"), progress=False)  # a second run: the same images, from the cache
+    b.cache()
+    lb = b.latent_caches[d]
+    assert (lb.stats.misses, lb.stats.hits) == (0, 3)
+    from flux2_kit.trainer import _latent_request
+    za = [lc[_latent_request(it)] for it in items]
+    assert all(torch.equal(x, lb[_latent_request(it)]) for x, it in zip(za, b.tables["hf"].items))
+    assert not torch.equal(za[0], za[1])
+    b.fit()
+    assert b.step == 2 and [e["step"] for e in read_events(b.rundir.events_path, types=["step"])] == [1, 2]
