@@ -669,7 +669,7 @@ class ProgressCB(Callback):
         self.bar = tqdm(total=t.max_steps, initial=t.step, desc="train", disable=not (t.progress and t.is_main))
     def after_step(self, t):
         if t.last.stepped:
-            self.bar.update(1); self.bar.set_postfix(loss=f"{t.last.loss:.4f}", lr=f"{t.last.lr:.2e}")
+            self.bar.update(1); self.bar.set_postfix(loss=f"{getattr(t, 'step_loss', t.last.loss):.4f}", lr=f"{t.last.lr:.2e}")
     def after_fit(self, t): self.bar.close()
 
 class RunDirCB(Callback):
@@ -692,6 +692,7 @@ class RunDirCB(Callback):
         if t.accelerator.num_processes > 1:  # the mean over every rank's micro-batches (a collective: all ranks call it)
             import torch
             loss = float(t.accelerator.reduce(torch.tensor([loss], device=t.accelerator.device), reduction="mean").item())
+        t.step_loss = loss  # what the progress bar and trackers show too
         t.rundir.log_event("step", step=t.step, loss=loss, lr=r.lr,
                            sigma=[float(s) for x in rs for s in x.sigmas], losses=[float(l) for x in rs for l in x.per_sample_loss],
                            guidance=None if r.guidance is None else [float(g) for x in rs for g in x.guidance],
@@ -773,7 +774,8 @@ class TrackerCB(Callback):
         if t.cfg.trackers: t.accelerator.init_trackers("flux2_kit", config=_flat(t.cfg.to_dict()))
     def after_step(self, t):
         if t.cfg.trackers and t.last.stepped:
-            t.accelerator.log(dict(loss=t.last.loss, lr=t.last.lr, grad_norm=t.last.grad_norm or 0.0), step=t.step)
+            t.accelerator.log(dict(loss=getattr(t, "step_loss", t.last.loss), lr=t.last.lr, grad_norm=t.last.grad_norm or 0.0),
+                              step=t.step)  # the mean over accumulation steps and ranks, as in events.jsonl
     def after_fit(self, t):
         if t.cfg.trackers: t.accelerator.end_training()
 
