@@ -112,6 +112,13 @@ def check_strategy(cfg: Config,  # the run's config
     if cfg.mixed_precision == "fp16":
         raise LaunchError("mixed_precision='fp16' cannot be combined with strategy='fsdp2' (the model is sharded outside "
                           "accelerate, so no gradient scaler guards fp16): use mixed_precision='bf16' (or 'no')")
+    ramp = cfg.scheduled_sampling_ramp_steps > 0
+    if cfg.scheduled_sampling_max_step_offset > 0 and (
+            (not ramp and cfg.scheduled_sampling_probability > 0) or
+            (ramp and (cfg.scheduled_sampling_prob_start > 0 or cfg.scheduled_sampling_prob_end > 0))):
+        raise LaunchError("scheduled sampling (scheduled_sampling_max_step_offset > 0) cannot be combined with "
+                          "strategy='fsdp2': each rank rolls out a different number of extra forwards, and every "
+                          "sharded forward needs all ranks. Use strategy='ddp', or turn scheduled sampling off")
     if cfg.compile_transformer:
         raise LaunchError("compile_transformer=True with strategy='fsdp2' is not supported (untested: the compiled "
                           "blocks would be sharded after compilation): turn compile_transformer off, or use 'ddp'")

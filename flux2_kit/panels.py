@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_panels.ipynb #46224e8c
 from __future__ import annotations
-import html, io, json, math, os, re, threading, time, traceback
+import html, io, json, math, os, re, socket, threading, time, traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 import ipywidgets as W
@@ -16,7 +16,7 @@ from .buckets import BucketTable, make_buckets, prepare_datasets
 from .config import Config, load_config
 
 # %% auto #0
-__all__ = ['BASE_PREFIX', 'GUIDANCE_SEP', 'GUIDANCE_KEYS', 'guidance_image_name', 'parse_preview_name', 'Panel',
+__all__ = ['BASE_PREFIX', 'GUIDANCE_SEP', 'GUIDANCE_KEYS', 'guidance_image_name', 'parse_preview_name', 'Panel', 'process_alive',
            'TrainingMonitor', 'draw_crop', 'BucketInspector', 'scan_previews', 'ValidationGrid', 'update_config_file',
            'GuidancePanel', 'checkpoint_renderer', 'Dashboard']
 
@@ -102,6 +102,7 @@ class Panel:
         self.alert, self.train_alert = W.HTML(), W.HTML()  # red: handler errors / training errors
         self.out = W.Output(layout=W.Layout(max_height="12em", overflow="auto"))  # tracebacks of handler errors
         self._lock, self._thread, self._halt, self._tls = threading.RLock(), None, None, threading.local()
+        self.lost, self._open, self._last_time, self._writer = None, False, 0.0, {}  # see `liveness`
         self.widget = W.VBox([self.train_alert, self.alert, self.out])
 
     def _event(self, ev: dict): pass  # subclasses: apply one event to the state
@@ -151,6 +152,52 @@ def _set(self: Panel, widget, **traits):
         for k, v in traits.items(): setattr(widget, k, v)
     finally: self._tls.mute -= 1
 
+# %% ../nbs/15_panels.ipynb #1be79423
+def process_alive(hostname: str | None,  # the host the process runs on (run.json's `hostname`)
+                  pid: int | None,  # its process id (run.json's `pid`)
+                 ) -> bool | None:
+    "Whether process `pid` still runs: True/False on this host (a zombie is gone), None for another host or no pid."
+    if not isinstance(pid, int) or pid <= 0 or hostname != socket.gethostname(): return None
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # another user's process
+    except OSError: return None
+    try:  # killed but not reaped yet by its parent: state Z in /proc (Linux)
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z": return False
+    except (OSError, IndexError): pass
+    return True
+
+Panel.stale_after = 600.0  # seconds without an event after which a run without run_end counts as stale (0: never)
+
+@patch
+def _track(self: Panel, ev: dict):  # one event, before `_event`
+    "Follow whether a run is open (run_start without run_end), who writes it (run.json) and when it last wrote."
+    t = ev.get("type")
+    if t == "run_start":
+        self._open = True
+        try: self._writer = self.run.read_run_json() if self.run is not None else {}
+        except (OSError, ValueError): self._writer = {}
+    elif t == "run_end": self._open = False
+    tm = ev.get("time")
+    self._last_time = float(tm) if isinstance(tm, (int, float)) else time.time()
+
+@patch
+def liveness(self: Panel) -> str | None:
+    "For a run without run_end: 'dead' (its rank-0 process is gone from this host), 'stale' (no event for `stale_after` s), else None."
+    if not self._open: return None
+    if process_alive(self._writer.get("hostname"), self._writer.get("pid")) is False: return "dead"
+    if self.stale_after and time.time() - self._last_time > self.stale_after: return "stale"
+    return None
+
+@patch
+def _run_lost(self: Panel, state: str | None):  # 'dead', 'stale' or None (live again)
+    "Subclasses: react to a run that died without run_end (or came back from a stale spell)."
+
+def _lost_status(p: Panel, state: str) -> str:
+    if state == "dead": return "stopped unexpectedly (no run_end)"
+    return f"stale (no event for {_fmt_secs(time.time() - p._last_time)})"
+
 # %% ../nbs/15_panels.ipynb #47368f8a
 @patch
 def refresh(self: Panel) -> int:
@@ -160,7 +207,10 @@ def refresh(self: Panel) -> int:
             evs = self.reader.poll() if self.reader is not None else []
             for ev in evs:
                 if ev.get("type") == "error": self._training_error(ev)
+                self._track(ev)
                 self._event(ev)
+            lost = self.liveness()
+            if lost != self.lost: self.lost = lost; self._run_lost(lost)
             self._update(len(evs))
             return len(evs)
     except Exception as e:
@@ -268,6 +318,18 @@ def _event(self: TrainingMonitor, ev: dict):
     elif t == "message": self.messages.append(str(ev.get("text", "")))
     elif t == "run_end": self.status, self.ended = ev.get("status", "ended"), ev
 
+@patch
+def _run_lost(self: TrainingMonitor, state: str | None):  # 'dead', 'stale' or None (live again)
+    lost = self.status.startswith(("stale", "stopped unexpectedly"))
+    if state is not None:
+        if not lost: self._status_before = self.status
+        self.status = _lost_status(self, state)
+        if state == "dead": self.ended = dict(type="lost", status=self.status)  # no Pause/Stop for a dead run
+    elif lost:
+        self.status = getattr(self, "_status_before", "running")
+        if (self.ended or {}).get("type") == "lost": self.ended = None
+    self._dirty = True
+
 # %% ../nbs/15_panels.ipynb #6cb7660e
 @patch
 def losses(self: TrainingMonitor) -> list:
@@ -353,7 +415,8 @@ def _update(self: TrainingMonitor, n: int):
     self.progress.max = max(mx, 1)
     self.progress.value = min(d["step"], self.progress.max)
     self.progress.bar_style = {"completed": "success", "error": "danger", "paused": "warning",
-                               "stopped": "warning", "stopping": "warning"}.get(self.status, "info")
+                               "stopped": "warning", "stopping": "warning"}.get(
+        self.status, {"dead": "danger", "stale": "warning"}.get(self.lost, "info"))
     parts = [f"<b>{html.escape(self.status)}</b>", f"step {d['step']}/{self.max_steps or '?'}"]
     if self.steps:
         parts += [f"loss {d['loss']:.4g} (EMA {d['ema']:.4g})", f"lr {d['lr']:.3g}",
@@ -960,6 +1023,7 @@ def request(self: GuidancePanel, guidance=None,  # a scale or a list (default: t
         self.preview_note.value = html.escape(f"request #{rid} at guidance {', '.join(f'{x:g}' for x in g)} sent: "
                                               "the run renders it between steps")
         return rid
+    if self.render is None: self.render = self._config_renderer()  # the run's own checkpoints (finished or dead)
     if self.render is None:
         raise RuntimeError("no run is live in " + (str(self.run.root) if self.run else "(no output_dir)") +
                            " and no render function was given: pass render=... to preview from the latest checkpoint")
@@ -1027,12 +1091,35 @@ def _event(self: GuidancePanel, ev: dict):
         rid, d = ev["request_id"], self.run.root / ev["path"]
         self.results[rid] = dict(source="run", id=rid, step=ev.get("step"), guidance=ev.get("guidance"),
                                  images=[(Path(n).stem, d / n) for n in ev.get("images") or []])
-        self.pending.pop(rid, None)
+        self.pending.pop(rid, None); self.unserved.pop(rid, None)
         self._show_next = rid
 
 @patch
 def _update(self: GuidancePanel, n: int):
     if self._show_next is not None: self._show(self._show_next); self._show_next = None
+
+@patch
+def _run_lost(self: GuidancePanel, state: str | None):  # 'dead', 'stale' or None (live again)
+    if state is None:
+        if self._open: self.live, self.run_status = True, "running"
+        return
+    self.live, self.run_status = False, _lost_status(self, state)
+    self.unserved.update(self.pending); self.pending = {}
+    can = self.render is not None or self._config_renderer() is not None
+    self.preview_note.value = html.escape(
+        f"the run {self.run_status}" + (f": request(s) {sorted(self.unserved)} unanswered" if self.unserved else "") +
+        ("; press Preview to render from the latest checkpoint" if can else
+         "; pass render=checkpoint_renderer(config) to preview from its checkpoints"))
+
+@patch
+def _config_renderer(self: GuidancePanel) -> Callable | None:
+    "A `checkpoint_renderer` of the panel's config when it trains into this run directory (made once), else None."
+    if self.config is None or self.run is None: return None
+    try: same = Path(self.config.output_dir).resolve() == self.run.root.resolve()
+    except (OSError, TypeError): return None
+    if not same: return None
+    if getattr(self, "_ck_render", None) is None: self._ck_render = checkpoint_renderer(self.config)
+    return self._ck_render
 
 @patch
 def _show(self: GuidancePanel, key):

@@ -11,8 +11,8 @@ from .flow import FlowOutput, FlowSettings, _check_batch, flow_match_loss, flow_
 from .lora import unwrap_model
 
 # %% auto #0
-__all__ = ['ROLLOUT_STRATEGIES', 'RAMP_SHAPES', 'RolloutSettings', 'rollout_probability', 'rollout_lengths', 'RolloutInput',
-           'rollout_noisy_input', 'RolloutOutput', 'flow_match_loss_with_rollout', 'rollout_enabled']
+__all__ = ['ROLLOUT_STRATEGIES', 'RAMP_SHAPES', 'RolloutSettings', 'rollout_probability', 'rollout_lengths', 'rollout_draws',
+           'RolloutInput', 'rollout_noisy_input', 'RolloutOutput', 'flow_match_loss_with_rollout', 'rollout_enabled']
 
 # %% ../nbs/16_rollout.ipynb #4a283547
 ROLLOUT_STRATEGIES = ("uniform", "biased_early", "biased_late")
@@ -77,6 +77,15 @@ def rollout_lengths(max_step_offset: int,  # longest rollout (>= 1)
     w = {"uniform": torch.ones_like(k), "biased_early": max_step_offset + 1 - k, "biased_late": k}[strategy]
     return torch.multinomial(w.float(), n, replacement=True, generator=generator) + 1
 
+# %% ../nbs/16_rollout.ipynb #b5235d3a
+def rollout_draws(rollout: RolloutSettings,  # the settings (max_step_offset >= 1)
+                  n: int,  # how many samples
+                  generator: torch.Generator,  # the dedicated generator, positioned after the noise
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The coin values `u` `(n,)` float32 in [0, 1) and rollout lengths `k` `(n,)` int64 of `n` samples, drawn in that order."
+    u = torch.rand(n, generator=generator, device=generator.device)
+    return u, rollout_lengths(rollout.max_step_offset, rollout.strategy, n, generator)
+
 # %% ../nbs/16_rollout.ipynb #d5daf48e
 @dataclass
 class RolloutInput:
@@ -123,6 +132,7 @@ def rollout_noisy_input(transformer: torch.nn.Module,  # Flux2Transformer2DModel
                         step: int = 0,  # optimizer steps done (for the probability ramp)
                         sigmas: torch.Tensor | float | None = None,  # fixed sigmas (B,) or one value instead of sampling
                         probability: float | None = None,  # override the scheduled probability (tests, probes)
+                        draws: tuple | None = None,  # this batch's (u, k) from `rollout_draws` (several processes: this rank's slice of the global draws); None: drawn here
                        ) -> RolloutInput:
     "The training input at sigma: the forward process, or for a random share of samples the model's own Euler rollout from a higher sigma."
     settings, rollout = settings or FlowSettings(), rollout or RolloutSettings()
@@ -145,8 +155,10 @@ def rollout_noisy_input(transformer: torch.nn.Module,  # Flux2Transformer2DModel
     rolled, steps = torch.zeros(bsz, dtype=torch.bool, device=device), torch.zeros(bsz, dtype=torch.long, device=device)
     src, calls = sigmas.clone(), 0
     if p > 0 and rollout.max_step_offset > 0:
-        u = torch.rand(bsz, generator=generator, device=generator.device).to(device)
-        k = rollout_lengths(rollout.max_step_offset, rollout.strategy, bsz, generator).to(device)
+        if draws is None: draws = rollout_draws(rollout, bsz, generator)
+        if len(draws) != 2 or any(d.shape != (bsz,) for d in draws):
+            raise ValueError(f"draws: expected (u, k) of shape ({bsz},) each (from rollout_draws), got {[tuple(getattr(d, 'shape', ())) for d in draws]}")
+        u, k = (d.to(device) for d in draws)
         rolled = u < p
         steps = torch.where(rolled, k, torch.zeros_like(k))
         if rolled.any():
@@ -177,11 +189,12 @@ def flow_match_loss_with_rollout(transformer: torch.nn.Module,  # Flux2Transform
                                  *,
                                  rollout: RolloutSettings | None = None,  # None / max_step_offset 0: plain flow_match_loss
                                  step: int = 0,  # optimizer steps done (for the probability ramp)
+                                 draws: tuple | None = None,  # precomputed (u, k) for this batch (`rollout_draws`); None: drawn here
                                 ) -> FlowOutput:
     "`flow_match_loss`, where a scheduled share of the samples is trained on the model's own rollout (see `rollout_noisy_input`)."
     if rollout_probability(rollout, step) == 0:
         return flow_match_loss(transformer, batch, generator, settings, sigmas)
-    ri = rollout_noisy_input(transformer, batch, generator, settings, rollout, step, sigmas)
+    ri = rollout_noisy_input(transformer, batch, generator, settings, rollout, step, sigmas, draws=draws)
     model_pred = flow_predict(transformer, ri.noisy_model_input, batch["prompt_embeds"], ri.sigmas, ri.guidance,
                                   batch.get("ref_latents"))
     bsz = model_pred.shape[0]

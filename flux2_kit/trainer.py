@@ -320,6 +320,9 @@ def build_lora(self: Trainer):
     c, acc = self.cfg, self.accelerator
     if self.transformer is not None: return self.lora_info
     self.check_memory()
+    if acc.num_processes > 1:  # the refusals of `launch` also hold under `accelerate launch` from a terminal
+        from flux2_kit.launch import check_strategy
+        check_strategy(c, self.strategy, cuda=acc.device.type == "cuda")
     set_seed(c.seed)  # python, numpy and torch: the LoRA's random init is the same for a seed, on every process
     # group offloading is applied below, after the LoRA and TREAD (its hooks must wrap TREAD's forward): load on cpu
     tr = load_transformer(c.model_path, precision=c.base_model_precision, default_dtype=c.base_model_default_dtype,
@@ -452,18 +455,27 @@ def _global_draws(self: Trainer):
     """Several processes: draw the sigmas of the whole global batch from the shared generator and keep this rank's
     slice, position the generator at this rank's slice of the global noise, and afterwards move every rank to the end
     of the global draws. So a step's randomness depends on the global batch, not on the world size (constant guidance;
-    CPU generator: `randn` of n values consumes exactly n draws). One process: nothing changes (yields None)."""
+    CPU generator: `randn` of n values consumes exactly n draws). Scheduled sampling's coins and rollout lengths, drawn
+    after the noise, are global too: drawn for the whole global batch, this rank's slice passed to the loss (`draws`).
+    Yields `(sigmas, draws)`; one process: nothing changes (yields `(None, None)`: the loss draws everything itself)."""
     acc = self.accelerator
-    if acc.num_processes == 1 or self.generator is None: yield None; return
+    if acc.num_processes == 1 or self.generator is None: yield None, None; return
     import torch
     from flux2_kit.flow import sample_sigmas
+    from flux2_kit.rollout import rollout_draws, rollout_probability
     g, lat = self.generator, self.batch["latents"]
     n, r, b, per = acc.num_processes, acc.process_index, lat.shape[0], lat[0].numel()
     sig = sample_sigmas(b * n, self.flow_settings, g, image_seq_len=lat.shape[2] * lat.shape[3])[r * b:(r + 1) * b]
     start = g.get_state()
+    torch.randn(n * b * per, generator=g, device=g.device)  # past the global noise
+    rs, draws = self.rollout_settings, None
+    if rs is not None and rollout_probability(rs, self.step) > 0:  # the loss rolls out this step: global coins, lengths
+        draws = tuple(d[r * b:(r + 1) * b] for d in rollout_draws(rs, n * b, g))
+    end = g.get_state()  # every rank continues from the end of the global draws
+    g.set_state(start)
     if r: torch.randn(r * b * per, generator=g, device=g.device)
-    yield sig
-    g.set_state(start); torch.randn(n * b * per, generator=g, device=g.device)
+    yield sig, draws
+    g.set_state(end)
 
 @patch
 def begin(self: Trainer):
@@ -474,7 +486,7 @@ def begin(self: Trainer):
     run_callbacks(self.callbacks, "before_fit", self)
 
 @patch
-def train_epoch(self: Trainer, max_steps: int | None = None):
+def _train_epoch(self: Trainer, max_steps: int | None = None):
     "Train until the end of the current epoch (or `max_steps` updates in total); returns this epoch's step results."
     import functools
     from flux2_kit.rollout import flow_match_loss_with_rollout
@@ -498,9 +510,9 @@ def train_epoch(self: Trainer, max_steps: int | None = None):
             t0 = time.perf_counter()
             if self.strategy == "fsdp2" and c.gradient_accumulation_steps > 1:  # accelerate's next micro-step syncs?
                 self.transformer.set_requires_gradient_sync((acc.step + 1) % c.gradient_accumulation_steps == 0)
-            with _global_draws(self) as sigmas:
+            with _global_draws(self) as (sigmas, draws):
                 loss_fn = None if rollout is None else functools.partial(  # scheduled sampling (off by default)
-                    flow_match_loss_with_rollout, rollout=rollout, step=self.step)
+                    flow_match_loss_with_rollout, rollout=rollout, step=self.step, draws=draws)
                 r = train_step(acc, self.transformer, self.optimizer, self.lr_scheduler,
                                to_device(self.batch, acc.device), self.generator, self.flow_settings,
                                c.max_grad_norm or None, sigmas=sigmas, loss_fn=loss_fn)
@@ -514,6 +526,22 @@ def train_epoch(self: Trainer, max_steps: int | None = None):
         if self.data_sampler.position >= len(self.data_sampler) or self.step < limit: self.epoch = self.data_sampler.epoch
     run_callbacks(self.callbacks, "after_epoch", self)
     return results
+
+# %% ../nbs/11_trainer.ipynb #c652e57b
+@patch
+def train_epoch(self: Trainer, max_steps: int | None = None):
+    "Train until the end of the current epoch (or `max_steps` updates in total); returns this epoch's step results."
+    if getattr(self, "_in_fit", False): return self._train_epoch(max_steps)  # fit logs errors and ends the run
+    if getattr(self, "_begun", False): self.status = "running"  # a cell run again after an error goes on
+    try: return self._train_epoch(max_steps)
+    except CancelFitException:  # stop from the control file, cell by cell: checkpoint, export, run_end
+        self.finish("stopped")
+        return []
+    except BaseException as e:  # logged like fit logs it (OOM with advice); the run stays open: retry, or finish("error")
+        self.status = "error"
+        err = _error_event(self, e)
+        if err is e: raise
+        raise err from e
 
 # %% ../nbs/11_trainer.ipynb #fa416887
 BASE_PREFIX = "base__"
@@ -793,6 +821,16 @@ def _is_oom(e: BaseException) -> bool:
     import torch
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
+def _error_event(t, e: BaseException) -> BaseException:
+    "Log an `error` event for `e` (out of memory becomes a `TrainingError` with `OOM_ADVICE`); returns what to raise."
+    err = e
+    if _is_oom(e):
+        err = TrainingError(f"out of memory at step {t.step + 1}: {str(e)[:300]}", kind="oom", step=t.step + 1,
+                            advice=OOM_ADVICE)
+    t.rundir.log_event("error", message=str(err)[:2000], kind=getattr(err, "kind", type(e).__name__),
+                       step=t.step + 1, advice=getattr(err, "advice", None), files=getattr(err, "files", None))
+    return err
+
 @patch
 def fit(self: Trainer):
     "Train to `max_train_steps` with resume, checkpoints, previews and export; returns the step results."
@@ -802,6 +840,7 @@ def fit(self: Trainer):
     if self.text_cache is None: self.cache()
     if self.transformer is None: self.build_lora()
     if self.resumed_from is None: self.resume()
+    self._in_fit = True  # train_epoch leaves error events and stops to fit
     try:
         self.begin()  # once: not again when train_epoch cells already started the run
         while self.step < self.max_steps:
@@ -814,19 +853,29 @@ def fit(self: Trainer):
         self.status = "stopped"
     except BaseException as e:
         self.status = "error"
-        if _is_oom(e):
-            err = TrainingError(f"out of memory at step {self.step + 1}: {str(e)[:300]}", kind="oom", step=self.step + 1,
-                                advice=OOM_ADVICE)
-        else: err = e
-        self.rundir.log_event("error", message=str(err)[:2000], kind=getattr(err, "kind", type(e).__name__),
-                              step=self.step + 1, advice=getattr(err, "advice", None), files=getattr(err, "files", None))
-        run_callbacks([cb for cb in self.callbacks if isinstance(cb, (ProgressCB, TrackerCB))], "after_fit", self)
-        self.rundir.log_event("run_end", status=self.status, step=self.step)
-        self._begun = False  # a later fit starts a new run segment
+        err = _error_event(self, e)
+        self.finish("error")
         if err is e: raise
         raise err from e
-    run_callbacks(self.callbacks, "after_fit", self)
-    self._begun = False  # a later fit starts a new run segment
-    if self.status in ("completed", "stopped"): self.export()
-    self.rundir.log_event("run_end", status=self.status, step=self.step)
+    finally: self._in_fit = False
+    self.finish(self.status)  # after_fit (final checkpoint and preview), export, run_end
     return self.history
+
+# %% ../nbs/11_trainer.ipynb #df87d67e
+@patch
+def finish(self: Trainer,
+           status: str = "completed",  # how the run ended: "completed", "stopped" or "error" (run_end's status)
+           export: bool = True,  # write the LoRA to `output_dir/lora/` as `fit` does (completed or stopped runs only)
+          ) -> dict | None:
+    "End a run trained cell by cell, once: `after_fit` (final checkpoint and preview, progress bar, trackers), export, `run_end`; returns the exports, None when no run is open."
+    if status not in ("completed", "stopped", "error"):
+        raise ValueError(f"finish(status={status!r}): use 'completed', 'stopped' or 'error'")
+    if not getattr(self, "_begun", False): return None  # never started, or already finished
+    self.status = status
+    cbs = self.callbacks if status != "error" else [cb for cb in self.callbacks if isinstance(cb, (ProgressCB, TrackerCB))]
+    run_callbacks(cbs, "after_fit", self)  # an error writes no checkpoint and no preview
+    self._begun = False  # a later train_epoch or fit starts a new run segment
+    res = self.export() if export and status in ("completed", "stopped") else {}
+    self.rundir.log_event("run_end", status=status, step=self.step)
+    return res
+

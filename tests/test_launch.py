@@ -268,3 +268,56 @@ def test_fsdp2_accumulation_clipping_checkpointing_match_ddp(tmp_path):
     d = _max_diff(a, b)
     print(f"FSDP2 vs DDP with accumulation 2 + clipping: max |diff| = {d:.2e}; grad norms {[e['grad_norm'] for e in eb]}")
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-4 and d < TOL
+
+
+# ---- the terminal path: `accelerate launch --multi_gpu ... -m flux2_kit.cli train` on 2 CPU processes ----
+def test_accelerate_launch_cli_two_processes(runs):
+    """accelerate's own launcher (torchrun underneath) runs the CLI's Trainer on 2 CPU processes: a gloo group with
+    world_size 2, rank-0-only events, a committed checkpoint and the export, and the same LoRA as `launch` (the `two`
+    run of `runs`: same config and seed). No extra environment is needed on CPU: with no CUDA device the Trainer's
+    PartialState picks gloo."""
+    import subprocess, sys
+    from flux2_kit.runlog import RunDir
+    cfg = tiny_config(runs["root"] / "cli", max_train_steps=3, train_batch_size=1, checkpointing_steps=2,
+                      checkpoints_total_limit=3)
+    path = cfg.save(runs["root"] / "cli" / "config.json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(port),
+           "-m", "flux2_kit.cli", "train", "--config", str(path), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
+    rd = RunDir(cfg.output_dir)
+    run = json.loads((rd.root / "run.json").read_text())
+    assert run["world_size"] == 2
+    events = [json.loads(l) for l in (rd.root / "events.jsonl").read_text().splitlines() if l.strip()]
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]  # written once: rank 0 only
+    assert [e["type"] for e in events].count("run_start") == 1
+    ck = sorted(p.name for p in rd.checkpoints_dir.iterdir())
+    assert ck == ["checkpoint-000002", "checkpoint-000003"]
+    from flux2_kit.checkpoint import latest_checkpoint
+    assert latest_checkpoint(rd.checkpoints_dir).name == "checkpoint-000003"  # committed (completion marker)
+    lora = load_file(rd.lora_dir / LORA)
+    assert (rd.lora_dir / "comfyui_lora.safetensors").exists()
+    d = _max_diff(lora, runs["two_lora"])
+    print(f"accelerate launch CLI vs launch(): max |diff| = {d:.2e}")
+    assert d < TOL
+
+
+def test_rollout_two_processes_match_one_process_batch_two(runs):
+    """Scheduled sampling under 2 processes: the coins and rollout lengths are drawn for the whole global batch and
+    sliced per rank like the noise (`_global_draws`), so 2 x batch 1 trains the LoRA of 1 x batch 2 (same seed)."""
+    kw = dict(max_train_steps=3, scheduled_sampling_max_step_offset=3, scheduled_sampling_probability=0.5)
+    two = launch(tiny_config(runs["root"] / "ro_two", train_batch_size=1, **kw), num_processes=2)
+    one = launch(tiny_config(runs["root"] / "ro_one", train_batch_size=2, **kw), num_processes=1)
+    l2, l1 = [e["loss"] for e in two.events(["step"])], [e["loss"] for e in one.events(["step"])]
+    plain = [e["loss"] for e in runs["one"].events(["step"])]
+    assert l1 != pytest.approx(plain, abs=1e-4)  # samples really were rolled out (same data, noise and sigmas as plain)
+    assert l2 == pytest.approx(l1, abs=1e-5)
+    a, b = load_file(two.run_dir.lora_dir / LORA), load_file(one.run_dir.lora_dir / LORA)
+    d = _max_diff(a, b)
+    print(f"rollout: max |2x1 - 1x2| = {d:.2e}; losses 2x1 {l2}, 1x2 {l1}, plain {plain}")
+    assert max(v.abs().max().item() for k, v in b.items() if "lora_B" in k) > 1e-3 and d < TOL

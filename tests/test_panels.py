@@ -493,3 +493,44 @@ def test_dashboard_steers_a_real_two_process_run(tmp_path):
     s = db.guidance.shown()
     assert (s["source"], s["step"], sorted(s["names"])) == ("render", end["step"], ["cat__g2p5", "cup__g2p5"])
     assert ck.name in db.guidance.preview_note.value and len(_events(out, "message")) == n_events
+
+
+def test_sigkilled_run_is_seen_dead_and_preview_falls_back_to_its_checkpoint(tmp_path):
+    # a real flux2-tiny run in another process, frozen with a preview request pending, then killed outright (no run_end)
+    import signal
+    from flux2_kit.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+    from flux2_kit.runlog import read_events
+    from flux2_kit.trainer import tiny_config
+    wd = tmp_path / "k"
+    over = dict(max_train_steps=400, checkpointing_steps=2, checkpoints_total_limit=1)
+    cfg = tiny_config(wd, **over)
+    spec = tmp_path / "k.json"
+    spec.write_text(json.dumps(dict(workdir=str(wd), overrides=over, sleep=0.2)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "trainer_child.py"), str(spec)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out, ck_root = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
+    mon, gp = TrainingMonitor(out), GuidancePanel(out, config=cfg, threaded=False)
+    try:
+        assert _until(lambda: bool(list_checkpoints(ck_root)) and mon.refresh() >= 0 and len(mon.losses()) >= 2, 300), \
+            proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint"
+        gp.refresh()
+        assert mon.status == "running" and mon.lost is None and gp.live
+        os.kill(proc.pid, signal.SIGSTOP)  # frozen (still alive): the request is sent and stays pending
+        rid = gp.request(2.0)
+        assert [r["id"] for r in gp.pending_requests()] == [rid]
+        proc.send_signal(signal.SIGKILL); proc.wait()
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert "run_end" not in [e["type"] for e in read_events(out / "events.jsonl")]
+    mon.refresh(); gp.refresh()
+    assert mon.lost == "dead" and mon.status == "stopped unexpectedly (no run_end)"
+    assert mon.stop_button.disabled and mon.progress.bar_style == "danger"
+    assert not gp.live and gp.pending_requests() == [] and rid in gp.unserved
+    assert "unanswered" in gp.preview_note.value and "latest checkpoint" in gp.preview_note.value
+    assert gp.request(2.0) is None  # not sent to the dead run: rendered from its latest checkpoint here
+    shown = gp.shown()
+    assert shown["source"] == "render" and shown["guidance"] == [2.0] and shown["names"]
+    assert shown["step"] == checkpoint_step(latest_checkpoint(ck_root)) >= 2
+    assert gp.errors == [] and mon.errors == []

@@ -232,3 +232,42 @@ def test_huggingface_bytes_dataset_trains_and_hits_the_latent_cache(tmp_path):
     assert not torch.equal(za[0], za[1])
     b.fit()
     assert b.step == 2 and [e["step"] for e in read_events(b.rundir.events_path, types=["step"])] == [1, 2]
+
+
+def test_cell_by_cell_finish_ends_the_run_like_fit(tmp_path):
+    # train_epoch cells then finish(): final checkpoint, export and run_end, as fit writes them
+    t = Trainer(tiny_config(tmp_path / "a", max_train_steps=3), progress=False)
+    t.train_epoch(max_steps=3)
+    assert read_events(t.rundir.events_path)[-1]["type"] == "step"  # still open: the panels see a live run
+    ex = t.finish()
+    ev = read_events(t.rundir.events_path)
+    assert (ev[-1]["type"], ev[-1]["status"], ev[-1]["step"]) == ("run_end", "completed", 3) and t.status == "completed"
+    assert [e["type"] for e in ev].count("run_end") == 1 and t.finish() is None  # once
+    assert [p.name for p in list_checkpoints(t.rundir.checkpoints_dir)] == ["checkpoint-000003"]
+    lora = load_file(ex["diffusers"])
+    assert lora and all(torch.isfinite(v).all() for v in lora.values())
+    f = Trainer(tiny_config(tmp_path / "b", max_train_steps=3), progress=False)
+    f.fit()
+    ref = load_file(f.rundir.lora_dir / "pytorch_lora_weights.safetensors")
+    assert lora.keys() == ref.keys() and all(torch.equal(lora[k], ref[k]) for k in ref)  # the same weights as fit
+
+
+def test_bare_train_epoch_logs_its_error_once(tmp_path):
+    t = Trainer(tiny_config(tmp_path, max_train_steps=4),
+                callbacks=[Boom(1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))], progress=False)
+    with pytest.raises(TrainingError, match="out of memory at step 2") as e:
+        t.train_epoch()
+    assert "gradient_checkpointing" in str(e.value) and t.status == "error"
+    errs = [x for x in read_events(t.rundir.events_path) if x["type"] == "error"]
+    assert [(x["kind"], x["step"]) for x in errs] == [("oom", 2)] and "train_batch_size" in errs[0]["advice"]
+    with pytest.raises(TrainingError, match="out of memory at step 2"):
+        t.fit()  # goes on in the open run: fit logs its own error, train_epoch does not log it again
+    ev = read_events(t.rundir.events_path)
+    assert [x["type"] for x in ev].count("error") == 2 and [x["type"] for x in ev].count("run_start") == 1
+    assert (ev[-1]["type"], ev[-1]["status"]) == ("run_end", "error")
+    t.callbacks = [cb for cb in t.callbacks if not isinstance(cb, Boom)]
+    t.train_epoch(max_steps=3)  # a new run segment after the ended one: a run_start again, no error
+    t.finish("stopped")
+    ev = read_events(t.rundir.events_path)
+    assert [x["type"] for x in ev].count("run_start") == 2 and [x["type"] for x in ev].count("error") == 2
+    assert (ev[-1]["type"], ev[-1]["status"], ev[-1]["step"]) == ("run_end", "stopped", t.step) and t.step > 1
