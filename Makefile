@@ -50,7 +50,7 @@ docs: env
 	$(BIN)/python docs/build.py --strict
 
 pytest: env chromium
-	$(BIN)/python -m pytest -q tests  # includes tests/test_docs_browser.py: builds the site (prints its time), then Chromium
+	FLUX2_KIT_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q tests  # includes tests/test_docs_browser.py: builds the site (prints its time), then Chromium
 
 test: export-check clean-check lint nbtest pytest
 	@echo "make test: all checks passed"

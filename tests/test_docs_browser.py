@@ -15,22 +15,11 @@ from urllib.parse import urldefrag, urljoin, urlparse
 
 import pytest
 
+from browser_util import ARGS, CHROMIUM, need as _need
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NOTEBOOKS = ["nbs/index.ipynb", "nbs/00_tiny.ipynb", "nbs/01_sample.ipynb", "nbs/tutorials/flux2_tiny.ipynb"]
 SCREENS = ROOT / "build" / "docs_screens"
-
-
-def _required() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("FLUX2_KIT_REQUIRE_CHROMIUM") == "1"
-
-
-def _need(ok: bool, why: str):
-    if ok: return
-    if _required(): pytest.fail(why + " (required under CI)")
-    pytest.skip(why)
 
 
 def _say(request, msg: str):

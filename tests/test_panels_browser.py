@@ -7,27 +7,16 @@ Stop must end the run with a committed checkpoint. Screenshots go to build/scree
 Without /usr/bin/chromium or voila the test skips, except under CI (or FLUX2_KIT_REQUIRE_CHROMIUM=1), where it fails:
 install Chromium with `apt-get install -y chromium` (never `playwright install`) and voila with the dev requirements.
 """
-import json, os, re, signal, socket, subprocess, sys, time
+import os, re, signal, socket, subprocess, sys, time
 from pathlib import Path
 
 import pytest
 
+from browser_util import ARGS, CHROMIUM, need as _need
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NOTEBOOK = ROOT / "tests" / "panels_browser.ipynb"
 SCREENS = ROOT / "build" / "screenshots"
-
-
-def _required() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("FLUX2_KIT_REQUIRE_CHROMIUM") == "1"
-
-
-def _need(ok: bool, why: str):
-    if ok: return
-    if _required(): pytest.fail(why + " (required under CI)")
-    pytest.skip(why)
 
 
 def _free_port() -> int:
@@ -148,7 +137,6 @@ def test_dashboard_in_browser_steers_two_process_run(voila):
             # the kernel's request line says which guidance it asked the run for (the slider value it had on the click)
             req = page.locator(".widget-html", has_text="request #1").first
             req.wait_for(timeout=60_000)
-            import re
             g = float(re.search(r"guidance ([\d.]+)", req.inner_text()).group(1))
             assert g > before, (g, before)
             page.get_by_text(f"cat · g={g:g}", exact=True).wait_for(timeout=120_000)
