@@ -11,7 +11,7 @@ from .lora import unwrap_model
 
 # %% auto #0
 __all__ = ['TIMESTEP_SAMPLING', 'GUIDANCE_MODES', 'FlowSettings', 'make_generator', 'shift_sigmas', 'flux2_mu', 'sample_sigmas',
-           'sample_guidance', 'FlowOutput', 'flow_predict', 'flow_match_loss']
+           'sample_guidance', 'FlowOutput', 'flow_predict', 'flow_draws', 'flow_match_loss']
 
 # %% ../nbs/07_flow.ipynb #8f319473
 TIMESTEP_SAMPLING = ("logit_normal", "uniform")
@@ -142,6 +142,22 @@ def flow_predict(transformer: torch.nn.Module,  # Flux2Transformer2DModel (with 
     return Flux2Pipeline._unpack_latents_with_ids(pred, latent_ids)  # (B, 128, h, w)
 
 # %% ../nbs/07_flow.ipynb #8b92c94a
+def flow_draws(model_input: torch.Tensor,  # clean latents (B,128,h,w)
+               generator: torch.Generator,  # the dedicated generator
+               settings: FlowSettings,  # sampling, shift and guidance settings
+               guidance_embeds: bool,  # the transformer's config.guidance_embeds (dev: True; klein: False)
+               sigmas: torch.Tensor | float | None = None,  # fixed sigmas (B,) or one value instead of sampling
+              ) -> tuple:
+    "`(sigmas (B,), guidance (B,) or None, noise like model_input)`, drawn from `generator` in this order."
+    bsz, device = model_input.shape[0], model_input.device
+    if sigmas is None:
+        sigmas = sample_sigmas(bsz, settings, generator, image_seq_len=model_input.shape[2] * model_input.shape[3])
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).expand(bsz).to(device)
+    guidance = sample_guidance(bsz, settings, generator, guidance_embeds)
+    guidance = guidance.to(device) if guidance is not None else None
+    noise = torch.randn(model_input.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return sigmas, guidance, noise.to(device=device, dtype=model_input.dtype)
+
 def flow_match_loss(transformer: torch.nn.Module,  # Flux2Transformer2DModel (with LoRA; may be accelerate-wrapped)
                     batch: dict,  # latents (B,128,h,w), prompt_embeds (B,L,D), optional ref_latents [(B,128,h',w'), ...]
                     generator: torch.Generator,  # the dedicated generator: sigmas, guidance, noise, in that order
@@ -153,16 +169,10 @@ def flow_match_loss(transformer: torch.nn.Module,  # Flux2Transformer2DModel (wi
     config = unwrap_model(transformer).config
     _check_batch(batch, config.in_channels, config.joint_attention_dim)
     model_input, prompt_embeds = batch["latents"], batch["prompt_embeds"]
-    bsz, device = model_input.shape[0], model_input.device
+    bsz = model_input.shape[0]
 
     # timesteps, guidance and noise, all from the dedicated generator
-    if sigmas is None:
-        sigmas = sample_sigmas(bsz, settings, generator, image_seq_len=model_input.shape[2] * model_input.shape[3])
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).expand(bsz).to(device)
-    guidance = sample_guidance(bsz, settings, generator, config.guidance_embeds)
-    guidance = guidance.to(device) if guidance is not None else None
-    noise = torch.randn(model_input.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    noise = noise.to(device=device, dtype=model_input.dtype)
+    sigmas, guidance, noise = flow_draws(model_input, generator, settings, config.guidance_embeds, sigmas)
 
     # add noise according to flow matching: zt = (1 - sigma) * x0 + sigma * noise
     s = sigmas.view(-1, 1, 1, 1).to(model_input.dtype)

@@ -206,21 +206,11 @@ def save_full_lora(model,  # the (sharded) transformer: its peft config and LoRA
                    formats=("diffusers", "comfyui"),  # what to write
                   ) -> dict:
     "Write gathered LoRA tensors as `Trainer.export` does (diffusers file + ComfyUI/BFL file), atomically (rank 0)."
-    import shutil, tempfile
-    from diffusers import Flux2Pipeline
-    from flux2_kit.lora import _atomic_save_file, adapter_name_of, lora_scales, to_comfyui, unwrap_model
+    from flux2_kit.lora import _atomic_save_file, adapter_name_of, lora_scales, save_lora, to_comfyui, unwrap_model
     m = unwrap_model(model); name = adapter_name_of(m)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     res = {}
-    if "diffusers" in formats:
-        w = "pytorch_lora_weights.safetensors"
-        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
-        try:
-            Flux2Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora, weight_name=w,
-                                            transformer_lora_adapter_metadata=m.peft_config[name].to_dict())
-            os.replace(tmp / w, out / w)
-        finally: shutil.rmtree(tmp, ignore_errors=True)
-        res["diffusers"] = out / w
+    if "diffusers" in formats: res["diffusers"] = save_lora(m, out, adapter_name=name, state_dict=lora)
     if "comfyui" in formats:
         res["comfyui"] = _atomic_save_file(to_comfyui(lora, lora_scales(m, name), write_alpha=False),
                                            out / "comfyui_lora.safetensors", metadata={"format": "pt"})

@@ -213,6 +213,7 @@ def save_lora(transformer: torch.nn.Module,  # a transformer with a peft adapter
               save_directory: str | Path,  # folder for the weights file (created)
               weight_name: str = "pytorch_lora_weights.safetensors",  # file name inside `save_directory`
               adapter_name: str | None = None,  # which adapter; None: the only one
+              state_dict: dict | None = None,  # the LoRA tensors when already gathered (FSDP2); None: read from the model
              ) -> Path:
     "Save the adapter in diffusers format (with its peft config as metadata); returns the file written."
     from diffusers import Flux2Pipeline
@@ -222,7 +223,8 @@ def save_lora(transformer: torch.nn.Module,  # a transformer with a peft adapter
     meta = model.peft_config[adapter_name].to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=save_directory))
     try:
-        Flux2Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora_state_dict(model, adapter_name),
+        lora = lora_state_dict(model, adapter_name) if state_dict is None else state_dict
+        Flux2Pipeline.save_lora_weights(tmp, transformer_lora_layers=lora,
                                         weight_name=weight_name, transformer_lora_adapter_metadata=meta)
         os.replace(tmp / weight_name, save_directory / weight_name)
     finally:

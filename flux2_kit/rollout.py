@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import torch
-from .flow import FlowOutput, FlowSettings, _check_batch, flow_match_loss, flow_predict, sample_guidance, sample_sigmas
+from .flow import FlowOutput, FlowSettings, _check_batch, flow_draws, flow_match_loss, flow_predict, sample_sigmas
 from .lora import unwrap_model
 
 # %% auto #0
@@ -142,13 +142,7 @@ def rollout_noisy_input(transformer: torch.nn.Module,  # Flux2Transformer2DModel
     refs = list(batch.get("ref_latents") or [])
     bsz, device = model_input.shape[0], model_input.device
     # flow_match_loss's draws, in its order: sigmas, guidance, noise
-    if sigmas is None:
-        sigmas = sample_sigmas(bsz, settings, generator, image_seq_len=model_input.shape[2] * model_input.shape[3])
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).expand(bsz).to(device)
-    guidance = sample_guidance(bsz, settings, generator, config.guidance_embeds)
-    guidance = guidance.to(device) if guidance is not None else None
-    noise = torch.randn(model_input.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    noise = noise.to(device=device, dtype=model_input.dtype)
+    sigmas, guidance, noise = flow_draws(model_input, generator, settings, config.guidance_embeds, sigmas)
     s = sigmas.view(-1, 1, 1, 1).to(model_input.dtype)
     noisy, target = (1.0 - s) * model_input + s * noise, noise - model_input
     p = rollout_probability(rollout, step) if probability is None else float(probability)
