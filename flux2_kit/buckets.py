@@ -11,9 +11,9 @@ import numpy as np
 from .data import DataError, DataReport, Item, _get, _sid, _choice, scan_dataset, latent_requests
 
 # %% auto #0
-__all__ = ['RESOLUTION_TYPES', 'ALIGNMENT', 'AREA_REMAP', 'CROP_STYLES', 'CROP_ASPECTS', 'align', 'aspect_ratio', 'target_area',
-           'target_size', 'geometry', 'Bucket', 'BucketTable', 'make_buckets', 'batch_references', 'BucketBatchSampler',
-           'pick_caption', 'prepare_datasets']
+__all__ = ['RESOLUTION_TYPES', 'ALIGNMENT', 'AREA_REMAP', 'CROP_STYLES', 'CROP_ASPECTS', 'MAX_UPSCALE', 'align', 'aspect_ratio',
+           'target_area', 'target_size', 'geometry', 'Bucket', 'BucketTable', 'make_buckets', 'drop_items',
+           'batch_references', 'BucketBatchSampler', 'pick_caption', 'prepare_datasets']
 
 # %% ../nbs/04b_buckets.ipynb #51cc08e3
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
@@ -246,6 +246,8 @@ def _attach_refs(items, spec, conditioning, report, seed):
     return keep
 
 # %% ../nbs/04b_buckets.ipynb #ffab08b6
+MAX_UPSCALE = 2.0  # an image enlarged more than this is trained, with an "upscaled" warning in the report
+
 def make_buckets(items:list, # Items from `scan_dataset`
                  spec, # the image dataset's SimpleTuner entry
                  conditioning:list=None, # [(conditioning spec, its Items[, its DataReport]), ...]
@@ -258,6 +260,11 @@ def make_buckets(items:list, # Items from `scan_dataset`
     report = report if report is not None else DataReport(sid, found=len(items), kept=len(items))
     out = [replace(it, target=t, crop=c) for it in items
            for t, c in [geometry(it.size, cfg, _rng(seed, "crop", sid, it.key))]]
+    for it in out:
+        s = max(it.target[0] / (it.crop[2] - it.crop[0]), it.target[1] / (it.crop[3] - it.crop[1]))
+        if s > MAX_UPSCALE:
+            report.warn(it.path, "upscaled", f"{it.size[0]}x{it.size[1]} is upscaled {s:.1f}x to {it.target[0]}x"
+                        f"{it.target[1]}: it will look blurry; use a larger image or set minimum_image_size", it.key)
     mode = conditioning_multidataset_sampling or _get(spec, "conditioning_multidataset_sampling", "random")
     if mode not in ("combined", "random"):
         raise DataError(f"conditioning_multidataset_sampling {mode!r} is not one of ('combined', 'random')")
@@ -265,14 +272,17 @@ def make_buckets(items:list, # Items from `scan_dataset`
     if conditioning:
         out = _attach_refs(out, spec, conditioning, report, seed)
         loose = any(_get(c[0], "conditioning_type", "reference_strict") == "reference_loose" for c in conditioning)
-    groups = {}
-    for i, it in enumerate(out):
-        groups.setdefault((tuple(it.target), tuple(tuple(r.target) for r in it.refs)), []).append(i)
-    buckets = [Bucket(_label(k[0], k[1], loose), k[0], k[1], v)
-               for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0][0] / kv[0][0][1], kv[0][0][0] * kv[0][0][1], kv[0][1]))]
     report.kept = len(out)
-    return BucketTable(sid, out, buckets, cfg["repeats"], float(_get(spec, "caption_dropout_probability", 0.0)),
+    return BucketTable(sid, out, _group(out, loose), cfg["repeats"], float(_get(spec, "caption_dropout_probability", 0.0)),
                        mode, {k: v for k, v in cfg.items()}, report)
+
+def _group(items:list, loose:bool) -> list:
+    "Buckets of item positions by (target, reference targets), sorted by aspect, then area."
+    groups = {}
+    for i, it in enumerate(items):
+        groups.setdefault((tuple(it.target), tuple(tuple(r.target) for r in it.refs)), []).append(i)
+    key = lambda kv: (kv[0][0][0] / kv[0][0][1], kv[0][0][0] * kv[0][0][1], kv[0][1])
+    return [Bucket(_label(k[0], k[1], loose), k[0], k[1], v) for k, v in sorted(groups.items(), key=key)]
 
 # %% ../nbs/04b_buckets.ipynb #597b71d4
 def _rows(self:BucketTable, max_paths:int=8) -> list:
@@ -325,6 +335,23 @@ def _repr(self:BucketTable) -> str:
 
 BucketTable.prompts, BucketTable.fingerprint, BucketTable.latent_requests = _prompts, _fingerprint, _table_latent_requests
 BucketTable.__repr__ = _repr
+
+# %% ../nbs/04b_buckets.ipynb #f449dbee
+def drop_items(table:BucketTable, # a dataset's table
+               failed:dict, # {file path: why}: items whose image (or one of whose references) cannot be used
+               code:str="encode_failed", # the report's reason code
+              ) -> BucketTable:
+    "`table` without the items that use a failed file, each reported as skipped; buckets regrouped (e.g. after caching)."
+    bad = lambda it: it.path in failed or any(r.path in failed for r in it.refs)
+    gone = [it for it in table.items if bad(it)]
+    if not gone: return table
+    for it in gone:
+        p = it.path if it.path in failed else next(r.path for r in it.refs if r.path in failed)
+        table.report.skip(it.path, code, f"{Path(p).name}: {failed[p]}", it.key)
+    table.report.kept -= len(gone)
+    items = [it for it in table.items if not bad(it)]
+    loose = any(" | refs " in b.label for b in table.buckets)
+    return replace(table, items=items, buckets=_group(items, loose))
 
 # %% ../nbs/04b_buckets.ipynb #85b25950
 def batch_references(items:list, # the Items of one batch

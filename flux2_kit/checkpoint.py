@@ -281,11 +281,13 @@ def latest_checkpoint(ckpt_root: str | os.PathLike, verify: str = "size") -> Pat
 # %% ../nbs/10b_checkpoint.ipynb #25f0c713
 def prune_checkpoints(ckpt_root: str | os.PathLike,  # the checkpoints folder
                       keep: int | None,  # complete checkpoints to keep (checkpoints_total_limit); None keeps all
+                      run_id: str | None = None,  # prune only checkpoints whose meta.json names this run (None: any)
                      ) -> list[Path]:
     "Delete complete checkpoints beyond the newest `keep`, and stale unfinished saves; returns what was deleted."
     if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
         raise ValueError(f"keep (checkpoints_total_limit) must be an integer >= 1 or None, got {keep!r}")
     sc = scan_checkpoints(ckpt_root)
+    if run_id is not None: sc = sc._replace(complete=[p for p in sc.complete if _run_id(p) == run_id])
     removed = []
     if sc.complete:
         newest = sc.complete[-1]
@@ -298,6 +300,11 @@ def prune_checkpoints(ckpt_root: str | os.PathLike,  # the checkpoints folder
         for p in sc.complete[:-keep]: shutil.rmtree(p); removed.append(p)
     if removed: fsync_dir(ckpt_root)
     return removed
+
+def _run_id(path: Path) -> str | None:
+    "The run id a checkpoint's meta.json records (None: none, or unreadable)."
+    try: return json.loads((path / "meta.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError): return None
 
 # %% ../nbs/10b_checkpoint.ipynb #1f1a7663
 RESUME_KEYS = {  # meta key -> what to call it in messages; a change in any of these refuses to resume

@@ -4,11 +4,11 @@
 
 # %% ../nbs/12_cli.ipynb #29c43d94
 from __future__ import annotations
-import argparse, sys
+import argparse, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CLIError', 'cmd_train', 'cmd_cache', 'cmd_preview', 'cmd_export', 'cmd_tiny', 'parser', 'run', 'main']
+__all__ = ['CLIError', 'cmd_train', 'cmd_check', 'cmd_cache', 'cmd_preview', 'cmd_export', 'cmd_tiny', 'parser', 'run', 'main']
 
 # %% ../nbs/12_cli.ipynb #381a3201
 class CLIError(ValueError): "A command-line mistake; `main` turns it into a one-line exit message."
@@ -32,77 +32,109 @@ def _config(args, extra: dict):
     "Load the config file, then apply the command-line overrides (coerced and checked like the file's values)."
     from flux2_kit.config import load_config
     path = Path(args.config)
-    if not path.exists(): raise CLIError(f"config file {path} not found (pass --config path/to/config.json)")
+    if not path.exists():
+        hint = " (SimpleTuner's layout: run from the folder that holds config/)" if args.config == "config/config.json" else ""
+        raise CLIError(f"config file {path.resolve()} not found{hint}: pass --config path/to/config.json")
     cfg = load_config(path, base_dir=args.base_dir)
     return cfg.replace(**extra) if extra else cfg
 
 def _trainer(args, extra):
     from flux2_kit.trainer import Trainer
+    if args.quiet:  # the libraries' own progress bars too (weight loading)
+        import diffusers, transformers
+        transformers.utils.logging.disable_progress_bar(); diffusers.utils.logging.disable_progress_bar()
     return Trainer(_config(args, extra), progress=not args.quiet)
 
-def cmd_train(args, extra):
+def cmd_train(args, extra) -> int:
     "Train (with resume, checkpoints, previews) and export."
     t = _trainer(args, extra)
     t.fit()
     if t.is_main:
-        print(f"trained {t.step} steps; run directory: {t.rundir.root}\nLoRA: {t.rundir.lora_dir}")
-    return t
+        what = f"trained {t.step} steps" if t.status == "completed" else f"stopped at step {t.step}"
+        print(f"{what}; run directory: {t.rundir.root}\nLoRA: {t.rundir.lora_dir}")
+    return 0
 
-def cmd_cache(args, extra):
+def cmd_check(args, extra) -> int:
+    "Check the config, paths and data without loading a model or touching output_dir."
+    from flux2_kit.check import check_config, check_data
+    import torch
+    cfg = _config(args, extra)
+    rep = check_config(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    rep.datasets, rep.problems = (d := check_data(cfg)[1]).datasets, rep.problems + d.problems
+    print(rep if rep.datasets or rep.problems else "nothing to report")
+    rep.raise_errors()
+    print("check passed: nothing was loaded")
+    return 0
+
+def cmd_cache(args, extra) -> int:
     "Fill the caches and report hits and misses."
     t = _trainer(args, extra)
     text, latents = t.cache()
     if t.is_main:
         print(f"text embeds: {text.stats}")
         for d, c in latents.items(): print(f"latents {d}: {c.stats}")
-    return t
+    t.finish()
+    return 0
 
+# %% ../nbs/12_cli.ipynb #b51711a5
 def _from_checkpoint(args, extra):
     t = _trainer(args, extra)
     ck = t.resume(args.checkpoint)
     if ck is None: raise CLIError(f"no complete checkpoint under {t.rundir.checkpoints_dir}")
     return t, ck
 
-def cmd_preview(args, extra):
+def cmd_preview(args, extra) -> int:
     "Render the prompt library from a checkpoint."
     t, ck = _from_checkpoint(args, extra)
     ims = t.preview(guidance=args.guidance or None)
     if t.is_main: print(f"{len(ims)} previews from {ck.name} in {t.rundir.preview_dir(t.step)}")
-    return t
+    t.finish(export=False)
+    return 0
 
-def cmd_export(args, extra):
+def cmd_export(args, extra) -> int:
     "Export a checkpoint's LoRA."
     t, ck = _from_checkpoint(args, extra)
     out = t.export(formats=args.format, out_dir=args.out)
     if t.is_main:
         for k, p in out.items(): print(f"{k}: {p}")
-    return t
+    t.finish(export=False)
+    return 0
 
-def cmd_tiny(args, extra):
+def cmd_tiny(args, extra) -> int:
     "Build flux2-tiny into a folder."
     from flux2_kit.tiny import build_flux2_tiny
-    p = build_flux2_tiny(args.out, args.flavour, args.size, args.seed, overwrite=args.overwrite)
-    print(p)
-    return p
+    print(build_flux2_tiny(args.out, args.flavour, args.size, args.seed, overwrite=args.overwrite))
+    return 0
 
 # %% ../nbs/12_cli.ipynb #401fcd0c
+_EPILOG = """Any other --key value (or --key=value) overrides that config key, in SimpleTuner's spelling:
+  flux2-kit train --config config/config.json --learning_rate 5e-5 --max_train_steps=200
+pretrained_model_name_or_path is a hub id (black-forest-labs/FLUX.2-dev), a local diffusers folder, or a
+built-in test model: flux2-tiny:dev, flux2-tiny:klein (random, seconds to build) or flux2-mini:dev (trained).
+Exit status: 0 done (or stopped on request), 2 a mistake in the config, data or command line, 1 training failed."""
+
 def parser() -> argparse.ArgumentParser:
     "The `flux2-kit` argument parser."
+    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="flux2-kit", description="Train FLUX.2 LoRAs (SimpleTuner configs accepted).",
-                                epilog="Any other --key value is a config override, e.g. --learning_rate 5e-5.")
+                                epilog=_EPILOG, formatter_class=fmt)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    def common(sp):
+    def common(name, help):
+        sp = sub.add_parser(name, help=help, description=help, epilog=_EPILOG, formatter_class=fmt)
         sp.add_argument("--config", default="config/config.json", help="config.json (default: config/config.json)")
         sp.add_argument("--base_dir", default=None, help="folder relative paths resolve against (default: cwd)")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars and no check report")
+        sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         return sp
-    common(sub.add_parser("train", help="train, checkpoint, preview, export")).set_defaults(fn=cmd_train)
-    common(sub.add_parser("cache", help="fill the text-embed and latent caches")).set_defaults(fn=cmd_cache)
-    sp = common(sub.add_parser("preview", help="render previews from a checkpoint"))
+    common("train", "train, checkpoint, preview, export").set_defaults(fn=cmd_train)
+    common("check", "check config, paths and data; load nothing").set_defaults(fn=cmd_check)
+    common("cache", "fill the text-embed and latent caches").set_defaults(fn=cmd_cache)
+    sp = common("preview", "render previews from a checkpoint")
     sp.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
     sp.add_argument("--guidance", type=float, nargs="*", default=None, help="one or more guidance values")
     sp.set_defaults(fn=cmd_preview)
-    sp = common(sub.add_parser("export", help="export a checkpoint's LoRA"))
+    sp = common("export", "export a checkpoint's LoRA")
     sp.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
     sp.add_argument("--format", nargs="+", choices=["diffusers", "comfyui"], default=["diffusers", "comfyui"])
     sp.add_argument("--out", default=None, help="output folder (default: output_dir/lora)")
@@ -110,20 +142,44 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("tiny", help="build flux2-tiny into a folder")
     sp.add_argument("--out", required=True); sp.add_argument("--flavour", choices=["dev", "klein"], default="dev")
     sp.add_argument("--size", choices=["tiny", "small"], default="tiny"); sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--overwrite", action="store_true"); sp.add_argument("--debug", action="store_true")
     sp.set_defaults(fn=cmd_tiny, quiet=False)
     return p
 
-def run(argv: list | None = None):
+# %% ../nbs/12_cli.ipynb #c13ccad4
+def run(argv: list | None = None) -> int:
     "Run a `flux2-kit` command; errors are raised (use `main` for the exit-code behaviour)."
     args, rest = parser().parse_known_args(argv)
     return args.fn(args, _overrides(rest))
 
-def main(argv: list | None = None):
-    "Entry point of the `flux2-kit` command: config and command-line errors exit with one clear line."
+def _user_error(e: BaseException) -> bool:
+    "A mistake the user fixes in the config, the data or the command line (exit status 2), not a failed run (1)."
+    from flux2_kit.checkpoint import CheckpointError, ResumeError
     from flux2_kit.config import ConfigError
+    from flux2_kit.data import DataError
+    from flux2_kit.runlog import RunLockedError
+    return isinstance(e, (ConfigError, CLIError, DataError, CheckpointError, ResumeError, RunLockedError))
+
+def _lines(e: BaseException) -> list[str]:
+    "What the terminal shows for an error: one line per problem (a training error adds its advice)."
+    from flux2_kit.check import CheckError
+    if isinstance(e, CheckError): return [str(p)[len("error: "):] for p in e.problems]
+    msg = str(e).strip() or type(e).__name__
+    if not _user_error(e): msg = f"{type(e).__name__}: {msg}"
+    return msg.splitlines()
+
+def main(argv: list | None = None) -> int:
+    "Entry point of `flux2-kit`: 0 on success, 2 for a mistake in the config, data or command line, 1 when training fails; one line per error (`--debug`: the traceback)."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try: return run(argv)
-    except (ConfigError, CLIError) as e: raise SystemExit(f"flux2-kit: {e}")
+    except KeyboardInterrupt:
+        print("flux2-kit: interrupted", file=sys.stderr); return 130
+    except Exception as e:
+        if debug: import traceback; traceback.print_exc()
+        if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, rank 0 speaks for all
+            for line in _lines(e): print(f"flux2-kit: error: {line}", file=sys.stderr)
+        return 2 if _user_error(e) else 1
 
 # %% ../nbs/12_cli.ipynb #84d3d724
-if __name__ == "__main__" and "IPython" not in sys.modules: main()
+if __name__ == "__main__" and "IPython" not in sys.modules: sys.exit(main())

@@ -13,8 +13,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 __all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'PRECISIONS', 'LORA_TARGET_PRESETS', 'LR_SCHEDULERS', 'TRACKERS',
            'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED', 'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError',
            'parse_resolutions', 'parse_lora_target', 'check_tread_config', 'parse_report_to', 'Config', 'config_keys',
-           'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config',
-           'dataset_defaults', 'check_dataset_paths']
+           'is_path_name', 'slug', 'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library',
+           'load_config', 'dataset_defaults', 'check_dataset_paths']
 
 # %% ../nbs/02_config.ipynb #f2cbf8c7
 class ConfigError(ValueError):
@@ -119,7 +119,7 @@ SKIP_DISCOVERY_STAGES = ("vae", "aspect", "text", "metadata")
 _CHOICES = {
     "model_type": ("lora",), "model_family": ("flux2",), "model_flavour": FLAVOURS,
     "mixed_precision": ("no", "fp16", "bf16"), "lr_scheduler": LR_SCHEDULERS,
-    "optimizer": ("adamw", "adamw8bit"), "lora_type": ("lora", "lokr", "loha"),
+    "optimizer": ("adamw", "adamw8bit", "adamw_bf16"), "lora_type": ("lora", "lokr", "loha"),
     "lora_init_type": ("default", "gaussian", "olora", "pissa"),
     "flux_guidance_mode": ("constant", "random-range"), "weighting_scheme": ("logit_normal", "uniform"),
     "scheduled_sampling_strategy": ("uniform", "biased_early", "biased_late"),
@@ -195,10 +195,15 @@ def _unsupported_value(name: str, value) -> str | None:
     if name == "model_type" and v == "full": return "flux2_kit trains LoRA adapters only"
     if name == "model_family": return "flux2_kit trains FLUX.2 only (model_family 'flux2')"
     if name == "lora_type" and v == "lycoris": return "use lora_type 'lokr' or 'loha' (peft's LoKr/LoHa adapters)"
-    if name.endswith("_precision") and ("torchao" in v or v.endswith("-quanto") or "bnb" in v):
+    if name.endswith("_precision") and ("torchao" in v or "bnb" in v):
+        near = v.split("-")[0].replace("nf4", "int4") + "-quanto"
+        near = near if near in PRECISIONS else "int8-quanto"
+        return (f"{v!r} needs {'torchao' if 'torchao' in v else 'bitsandbytes'}'s CUDA kernels, which flux2_kit does not "
+                f"use; the nearest supported setting is {near!r} (optimum-quanto, CPU and GPU)")
+    if name.endswith("_precision") and v.endswith("-quanto"):
         return "flux2_kit quantises with optimum-quanto: use 'int8-quanto', 'int4-quanto' or 'fp8-quanto'"
     if name == "mixed_precision" and v == "fp8": return "fp8 training is not supported; use 'bf16'"
-    if name == "optimizer": return "flux2_kit trains with torch's 'adamw' or bitsandbytes' 'adamw8bit'"
+    if name == "optimizer": return "flux2_kit trains with torch's 'adamw', 'adamw_bf16' (bf16 weights with stochastic rounding) or bitsandbytes' 'adamw8bit'"
     if name == "type": return "flux2_kit reads local folders ('local') and Hugging Face datasets ('huggingface')"
     if name == "dataset_type": return "flux2_kit trains images: use 'image', 'text_embeds' or 'conditioning'"
     if name == "conditioning_type": return "FLUX.2 conditions on reference images: 'reference_strict' or 'reference_loose'"
@@ -235,7 +240,7 @@ use_ema ema_decay ema_device ema_cpu_only ema_update_interval ema_validation snr
 noise_offset_probability input_perturbation input_perturbation_steps lycoris_config init_lora init_lokr_norm use_dora
 peft_lora_mode optimizer_config lr_end lr_scale lr_scale_sqrt attention_mechanism fuse_qkv_projections push_to_hub
 push_checkpoints_to_hub push_to_hub_background hub_model_id model_card_note model_card_private model_card_safe_for_work
-disable_benchmark validation_negative_prompt num_validation_images validation_torch_compile validation_noise_scheduler
+disable_benchmark num_validation_images validation_torch_compile validation_noise_scheduler
 validation_prompt_library validation_on_startup validation_disable validation_randomize validation_guidance_real
 validation_epoch_interval checkpoint_epoch_interval aspect_bucket_rounding data_backend_sampling vae_cache_ondemand
 compress_disk_cache override_dataset_config webhook_config train_text_encoder text_encoder_lr text_encoder_2_precision
@@ -354,7 +359,7 @@ def parse_report_to(value: str,  # "none" | "all" | "tensorboard" | "wandb" | "t
     return list(dict.fromkeys(names))
 
 # %% ../nbs/02_config.ipynb #73407696
-_INTERNAL = ("datasets", "prompt_library", "base_dir", "source")
+_INTERNAL = ("datasets", "prompt_library", "base_dir", "source", "notices")
 
 @dataclass(frozen=True, repr=False)
 class Config:
@@ -366,6 +371,7 @@ class Config:
     pretrained_model_name_or_path: str | None = None  # hub id or diffusers folder; None: DEFAULT_MODEL_PATHS[flavour]; "flux2-tiny:dev"|"flux2-tiny:klein": flux2-tiny
     revision: str | None = None  # hub revision (branch, tag or commit) of pretrained_model_name_or_path
     output_dir: str = "output"  # run directory (run.json, events.jsonl, checkpoints/, previews/, lora/); resolved against base_dir
+    overwrite_output_dir: bool = False  # a used output_dir and no resume_from_checkpoint: True deletes its previous run's files and starts over; False refuses
     # --- batch and schedule ----------------------------------------------------------------------------------------
     train_batch_size: int = 1  # images per forward/backward pass, per process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -419,6 +425,7 @@ class Config:
     validation_resolution: str = "1024x1024"  # "WxH", "N" (square) or a comma list; see `validation_resolutions`
     validation_num_inference_steps: int = 20  # sampler steps per preview image
     validation_guidance: float = 4.0  # guidance_scale passed to the pipeline for previews
+    validation_negative_prompt: str | None = None  # klein CFG previews: the negative prompt (None: the empty prompt); dev has no CFG, so it is not used there
     validation_steps: int = 100  # preview every N optimizer steps; 0: never (SimpleTuner also: validation_step_interval)
     validation_seed: int | None = None  # seed for preview noise; None: use `seed`
     user_prompt_library: str | None = None  # JSON file {name: prompt} of preview prompts; loaded into `prompt_library`
@@ -463,6 +470,7 @@ class Config:
     prompt_library: dict = field(default_factory=dict, compare=False)  # {name: prompt} from user_prompt_library
     base_dir: str | None = field(default=None, compare=False)  # folder relative paths were resolved against
     source: str | None = field(default=None, compare=False)  # the config file, when loaded from one
+    notices: tuple = field(default=(), compare=False)  # what load_config decided for you (files found beside the config, ...)
 
     def __post_init__(self):
         hints = _hints(type(self))
@@ -587,7 +595,7 @@ def _replace(self: Config, **changes) -> Config:
     "A new Config with `changes` (SimpleTuner keys, `--` optional) validated again; a loaded config reloads its files."
     merged = {**self.to_dict(), **_config_kwargs(changes)}
     if self.base_dir is None: return dataclasses.replace(self, **_config_kwargs(merged))  # built in Python: no files
-    return load_config(merged, base_dir=self.base_dir)
+    return dataclasses.replace(load_config(merged, base_dir=self.base_dir), source=self.source, notices=self.notices)
 
 def _save(self: Config,
           path: str | os.PathLike,  # where to write config.json (written to a temp file, then renamed)
@@ -614,6 +622,18 @@ def _atomic_write_text(path: Path, text: str) -> Path:
 
 Config.to_dict, Config.replace, Config.save, Config.__repr__ = _to_dict, _replace, _save, _repr
 Config.to_dict.__name__, Config.replace.__name__, Config.save.__name__ = "to_dict", "replace", "save"
+
+# %% ../nbs/02_config.ipynb #fc8ce01d
+_PATH_NAME = re.compile(r"[^\W_][\w .+@-]{0,127}")
+
+def is_path_name(name: str) -> bool:
+    "Can `name` (a dataset id, a prompt name) become one file or folder name? No separators, no '..', no leading dot."
+    return isinstance(name, str) and bool(_PATH_NAME.fullmatch(name)) and name.rstrip(" .") == name
+
+def slug(name: str) -> str:
+    "`name` as a safe file name: runs of other characters become '_' ('my cat!' -> 'my_cat')."
+    s = re.sub(r"_{2,}", "_", re.sub(r"[^\w.+@-]+", "_", str(name))).strip("._") or "x"  # "__" is kept for suffixes
+    return s[:128]
 
 # %% ../nbs/02_config.ipynb #0640214b
 _PARQUET_KEYS = ("path", "filename_column", "caption_column", "fallback_caption_column", "width_column",
@@ -680,6 +700,9 @@ def _check_dataset(d: DatasetSpec):
     "Rules that involve several keys of one dataset entry; fills the per-kind defaults."
     set_ = lambda k, v: object.__setattr__(d, k, v)
     if not d.id.strip(): raise ConfigError("'id' is empty", "id", d.id)
+    if not is_path_name(d.id):
+        raise ConfigError(f"'id' = {d.id!r} names cache folders, so it must be a plain name: letters, digits, spaces and "
+                          f"'._+@-', starting with a letter or digit, no '/' or '\\\\' (e.g. {slug(d.id)!r})", "id", d.id)
     if d.caption_strategy is None: set_("caption_strategy", "huggingface" if d.type == "huggingface" else "filename")
     if d.default and d.dataset_type != "text_embeds":
         raise ConfigError("'default' applies to text_embeds datasets only", "default", d.default)
@@ -809,9 +832,23 @@ def _read_file(path: Path, what: str):
             except ImportError: raise ConfigError("reading .toml needs Python 3.11+ or `pip install tomli`", path=path) from None
         try: return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e: raise ConfigError(f"invalid TOML: {e}", path=path) from None
-    try: return json.loads(text)
+    try: return json.loads(text, object_pairs_hook=_unique_keys(text, path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
+
+def _unique_keys(text: str, path: Path):
+    "A json `object_pairs_hook` that refuses a key written twice in one object (JSON would keep the last silently)."
+    def hook(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                lines = [str(i + 1) for i, l in enumerate(text.splitlines()) if f'"{k}"' in l]
+                at = f" (lines {', '.join(lines[:4])})" if len(lines) > 1 else ""
+                raise ConfigError(f"key {k!r} is written twice in one object{at}: JSON keeps only the last; "
+                                  "delete the one you do not mean", k, v, path)
+            out[k] = v
+        return out
+    return hook
 
 def _resolve(p: str | None, base: Path) -> str | None:
     "`p` made absolute against `base` (None stays None)."
@@ -914,8 +951,12 @@ def load_config(src: str | os.PathLike | dict,  # config.json / config.toml path
         kw = _config_kwargs(raw)
         out = kw.get("output_dir", Config.output_dir)
         if isinstance(out, str): kw["output_dir"] = _resolve(out, base)
+        notices = []
         for key in ("data_backend_config", "user_prompt_library"):
             if isinstance(kw.get(key), str) and kw[key].strip(): kw[key] = _find_file(kw[key], key, base, here)
+            elif key not in kw and here is not None and (here / _BESIDE[key]).is_file():  # SimpleTuner's layout
+                kw[key] = str((here / _BESIDE[key]).resolve())
+                notices.append(f"{key}: using {here / _BESIDE[key]} (found beside {path.name}, as SimpleTuner does)")
         model = kw.get("pretrained_model_name_or_path")
         if isinstance(model, str) and not model.startswith(TINY_PREFIX) and model.strip() and (base / model).exists():
             kw["pretrained_model_name_or_path"] = _resolve(model, base)
@@ -924,7 +965,9 @@ def load_config(src: str | os.PathLike | dict,  # config.json / config.toml path
         prompts = load_prompt_library(cfg.user_prompt_library) if cfg.user_prompt_library else {}
     except ConfigError as e: raise e.at(path)
     return dataclasses.replace(cfg, datasets=datasets, prompt_library=prompts, base_dir=str(base),
-                               source=None if path is None else str(path.resolve()))
+                               source=None if path is None else str(path.resolve()), notices=tuple(notices))
+
+_BESIDE = {"data_backend_config": "multidatabackend.json", "user_prompt_library": "user_prompt_library.json"}
 
 def dataset_defaults(cfg: Config) -> dict:
     "The config's global dataset keys, used for the dataset entries that leave them out."

@@ -166,6 +166,24 @@ def to_rgb(im:Image.Image, # any PIL image (already EXIF-transposed)
     except (ValueError, OSError) as e:
         raise ImageError("unsupported_mode", f"image mode {mode!r} cannot be converted to RGB ({e})") from None
 
+# %% ../nbs/04_data.ipynb #a1755904
+def _to_srgb(im:Image.Image, notes:list) -> Image.Image:
+    "`im` converted from its embedded ICC profile to sRGB (Pillow's ImageCms); unchanged without one, noted if it fails."
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK"): return im
+    from PIL import ImageCms
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(src).strip().lower().startswith("srgb"): return im
+        alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
+        base = im.convert("RGB" if im.mode == "RGBA" else "L") if alpha is not None else im
+        out = ImageCms.profileToProfile(base, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception as e:  # a broken profile: the pixels are used as they are
+        notes.append(("icc_unreadable", f"its ICC colour profile cannot be applied ({e}); colours read as sRGB"))
+        return im
+    if alpha is not None: out.putalpha(alpha)
+    return out
+
 # %% ../nbs/04_data.ipynb #bb956dde
 def _orientation(im) -> int:
     "The EXIF orientation tag (1 when absent or unreadable)."
@@ -173,9 +191,11 @@ def _orientation(im) -> int:
     except Exception: return 1
 
 def _decode(src, max_pixels:int=None, background:tuple=BACKGROUND, draft:bool=False):
-    "Decode `src` fully into RGB; returns (rgb, format, original mode). `draft` decodes JPEGs at 1/8 scale (scans)."
+    "Decode `src` fully into RGB; returns (rgb, format, original mode, notes). `draft` decodes JPEGs at 1/8 scale (scans)."
     with _open(src, max_pixels) as im:
-        fmt, mode = im.format, im.mode
+        fmt, mode, notes = im.format, im.mode, []
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1: notes.append(("animated", f"animated image with {frames} frames: only the first frame is used"))
         if draft and fmt in ("JPEG", "MPO"): im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
         try: im.load()
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, zlib/struct errors
@@ -183,13 +203,13 @@ def _decode(src, max_pixels:int=None, background:tuple=BACKGROUND, draft:bool=Fa
             raise ImageError(code, f"{'truncated' if code == 'truncated' else 'corrupt'} image data ({e}); "
                              "re-export or delete the file") from None
         if _orientation(im) != 1: im = ImageOps.exif_transpose(im)
-        return to_rgb(im, background), fmt, mode
+        return to_rgb(_to_srgb(im, notes), background), fmt, mode, notes
 
 def load_image(src, # a path, the file's bytes, or a file object
                max_pixels:int=None, # decompression-bomb limit in pixels (default `MAX_IMAGE_PIXELS`)
                background:tuple=BACKGROUND, # RGB for transparent pixels
               ) -> Image.Image:
-    "The image as RGB under flux2_kit's policy (EXIF orientation, modes, limits); raises `ImageError` with a `code`."
+    "The image as RGB under flux2_kit's policy (EXIF orientation, ICC profile to sRGB, modes, limits); raises `ImageError` with a `code`."
     return _decode(src, max_pixels, background)[0]
 
 # %% ../nbs/04_data.ipynb #fe5f7e47
@@ -349,8 +369,9 @@ def _filters(spec):
 def _scan_one(c:dict, cc:dict, check, mislabelled:str, max_pixels):
     "Decode and caption one candidate; returns ('item', Item, warnings) or ('skip', code, reason)."
     warns = []
-    try: rgb, fmt, mode = _decode(c["src"], max_pixels, draft=True)
+    try: rgb, fmt, mode, notes = _decode(c["src"], max_pixels, draft=True)
     except ImageError as e: return "skip", e.code, str(e)
+    warns += notes
     size = rgb.size if fmt not in ("JPEG", "MPO") else _displayed_size(c["src"], max_pixels)
     ext = Path(c["name"]).suffix.lower()
     if ext and fmt in FORMAT_EXTENSIONS and ext not in FORMAT_EXTENSIONS[fmt]:

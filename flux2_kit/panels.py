@@ -10,40 +10,18 @@ from pathlib import Path
 import ipywidgets as W
 from PIL import Image, ImageDraw
 from fastcore.basics import patch
-from .runlog import RunDir, atomic_write_json, request_preview, write_control
+from .runlog import (BASE_PREFIX, RunDir, atomic_write_json, guidance_image_name, parse_preview_name,
+                              request_preview, write_control)
 from .data import load_image
 from .buckets import BucketTable, make_buckets, prepare_datasets
 from .config import Config, load_config
 
 # %% auto #0
-__all__ = ['BASE_PREFIX', 'GUIDANCE_SEP', 'GUIDANCE_KEYS', 'guidance_image_name', 'parse_preview_name', 'Panel', 'process_alive',
-           'TrainingMonitor', 'draw_crop', 'BucketInspector', 'scan_previews', 'ValidationGrid', 'update_config_file',
-           'GuidancePanel', 'checkpoint_renderer', 'Dashboard']
+__all__ = ['GUIDANCE_KEYS', 'Panel', 'process_alive', 'TrainingMonitor', 'draw_crop', 'BucketInspector', 'scan_previews',
+           'ValidationGrid', 'update_config_file', 'GuidancePanel', 'checkpoint_renderer', 'Dashboard']
 
 # %% ../nbs/15_panels.ipynb #30228092
-BASE_PREFIX = "base__"  # previews/step-N/base__<prompt>.png: the base model's image of <prompt>
-GUIDANCE_SEP = "__g"  # previews/step-N/<prompt>__g<guidance>.png: a guidance preview
-_GUIDANCE_NAME = re.compile(r"^(?P<prompt>.+)__g(?P<g>\d+(?:[.p]\d*)?(?:e[-+m]?\d+)?)$")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-def guidance_image_name(prompt_name: str,  # the prompt's name in the prompt library
-                        guidance: float,  # the guidance scale it was rendered at
-                       ) -> str:
-    "The preview image name (without .png) for `prompt_name` rendered at `guidance`, as the trainer writes it: 'portrait__g3p5'."
-    g = float(guidance)
-    if not math.isfinite(g) or g < 0: raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    return prompt_name + GUIDANCE_SEP + f"{g:g}".replace(".", "p").replace("e-", "em")
-
-def parse_preview_name(name: str,  # a preview file name, with or without .png
-                      ) -> dict:
-    "What a preview file is: {'prompt', 'base' (bool), 'guidance' (float or None), 'grid' (bool)}."
-    stem = name[:-4] if name.lower().endswith(".png") else name
-    base = stem.startswith(BASE_PREFIX)
-    if base: stem = stem[len(BASE_PREFIX):]
-    m = _GUIDANCE_NAME.match(stem)
-    g = float(m["g"].replace("p", ".").replace("m", "-")) if m else None
-    prompt = m["prompt"] if m else stem
-    return dict(prompt=prompt, base=base, guidance=g, grid=(stem == "grid" and not base))
+_STEP_DIR = re.compile(r"^step-(\d+)$")  # runlog.step_dirname's folders
 
 # %% ../nbs/15_panels.ipynb #a187309c
 def _png(img: Image.Image) -> bytes:
@@ -1154,6 +1132,7 @@ def checkpoint_renderer(config,  # the run's Config or config path (its output_d
             cfg = config if isinstance(config, Config) else load_config(config)
             t = Trainer(cfg, progress=False)
             t._rundir = RunDir(cfg.output_dir, is_main=False)  # read only: rendering logs nothing into the run
+            t.check(claim=False)  # and takes no lock: the run may still be going
             state["trainer"] = t
         ck = latest_checkpoint(t.rundir.checkpoints_dir) if str(checkpoint) == "latest" else Path(checkpoint)
         if ck is None:

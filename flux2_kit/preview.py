@@ -51,6 +51,12 @@ def _embed(embeds, prompt, name, device, dtype):
     e = e if e.ndim == 3 else e.unsqueeze(0)
     return e.to(device=device, dtype=dtype)
 
+def _latents_to(dtype: torch.dtype):
+    "A pipeline callback that hands the VAE the final latents in its own dtype (e.g. a bf16 transformer, an fp32 VAE)."
+    def cb(pipe, i, t, kw):
+        return {"latents": kw["latents"].to(dtype)} if i == getattr(pipe, "_num_timesteps", i + 1) - 1 else {}
+    return cb
+
 def preview(pipe,  # from `validation_pipeline`
             prompts: Mapping[str, str],  # user_prompt_library: name -> prompt
             embeds: Mapping[str, torch.Tensor],  # prompt -> cached embeds (L, D) or (1, L, D)
@@ -85,6 +91,7 @@ def preview(pipe,  # from `validation_pipeline`
                       generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
             if cfg: kw["negative_prompt_embeds"] = _embed({"": negative_embeds}, "", "negative", device, dtype)
             if ref_images and name in ref_images: kw["image"] = list(ref_images[name])
+            if pipe.vae.dtype != dtype: kw["callback_on_step_end"] = _latents_to(pipe.vae.dtype)
             images[name] = pipe(**kw).images[0]
         return images
     finally:

@@ -4,15 +4,19 @@
 
 # %% ../nbs/10_runlog.ipynb #a7269604
 from __future__ import annotations
-import dataclasses, datetime, hashlib, json, math, os, re, secrets, socket, sys, threading, time
+import dataclasses, datetime, errno, hashlib, json, math, os, re, secrets, shutil, socket, stat, sys, threading, time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from fastcore.basics import patch
+from .config import is_path_name, slug
 
 # %% auto #0
-__all__ = ['EVENT_TYPES', 'CONTROL_DEFAULTS', 'to_jsonable', 'dumps', 'stable_hash', 'fsync_dir', 'atomic_write',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'make_event', 'EventWriter', 'EventReader',
-           'read_events', 'ControlError', 'validate_control', 'read_control', 'write_control', 'request_preview',
-           'reset_control', 'ControlPoller', 'library_versions', 'step_dirname', 'RunDir']
+__all__ = ['EVENT_TYPES', 'CONTROL_DEFAULTS', 'CONTROL_MAX_BYTES', 'MAX_PREVIEW_GUIDANCE', 'LOCK_NAME', 'RUN_FILES',
+           'BASE_PREFIX', 'GUIDANCE_SEP', 'SCALE_SEP', 'MODEL_PREFIX', 'to_jsonable', 'dumps', 'stable_hash',
+           'fsync_dir', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'make_event',
+           'EventWriter', 'EventReader', 'read_events', 'ControlError', 'validate_control', 'read_control',
+           'write_control', 'request_preview', 'reset_control', 'ControlPoller', 'library_versions', 'step_dirname',
+           'RunDir', 'RunLockedError', 'preview_image_name', 'parse_preview_name', 'guidance_image_name']
 
 # %% ../nbs/10_runlog.ipynb #053dbb29
 def _nonfinite(x: float):
@@ -217,6 +221,8 @@ def read_events(path: str | os.PathLike,  # events.jsonl
 
 # %% ../nbs/10_runlog.ipynb #f9fac7f0
 CONTROL_DEFAULTS = {"version": 1, "stop": False, "pause": False, "preview_guidance": None, "preview_now": None}
+CONTROL_MAX_BYTES = 64 << 10  # a larger control.json is refused unread: panels write a few hundred bytes
+MAX_PREVIEW_GUIDANCE = 8  # guidance values one preview request may ask for (each renders every prompt)
 
 class ControlError(ValueError):
     "control.json holds something a run cannot act on."
@@ -226,6 +232,8 @@ def _guidance_list(v, where):
     if (not isinstance(v, (list, tuple)) or not v
             or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) for g in v)):
         raise ControlError(f"{where} must be a non-empty list of finite numbers (guidance scales), got {v!r}")
+    if len(v) > MAX_PREVIEW_GUIDANCE:
+        raise ControlError(f"{where} asks for {len(v)} guidance values; at most {MAX_PREVIEW_GUIDANCE} per request")
     return [float(g) for g in v]
 
 def validate_control(c: Mapping,  # control data as read or about to be written
@@ -249,11 +257,27 @@ def validate_control(c: Mapping,  # control data as read or about to be written
         out["preview_now"] = {"id": pn["id"], "guidance": _guidance_list(pn["guidance"], f"{where}: 'preview_now.guidance'")}
     return out
 
+def _read_small_regular(path: Path, cap: int) -> str:
+    "The UTF-8 text of `path` if it is a regular file of at most `cap` bytes; never blocks on a FIFO, never reads a huge file."
+    try: fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ENOENT: raise FileNotFoundError(path) from None
+        raise ControlError(f"{path} cannot be opened ({e.strerror}); delete it (a symbolic link is refused too)") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ControlError(f"{path} is not a regular file (a FIFO, device or folder); delete it: panels write a small JSON file there")
+        if st.st_size > cap: raise ControlError(f"{path} is {st.st_size:,} bytes, over the {cap:,}-byte limit; delete it")
+        data = f.read(cap + 1)
+    if len(data) > cap: raise ControlError(f"{path} grew over the {cap:,}-byte limit while being read; delete it")
+    try: return data.decode("utf-8")
+    except UnicodeDecodeError as e: raise ControlError(f"{path} is not UTF-8 text ({e}); fix or delete it") from None
+
 def read_control(path: str | os.PathLike,  # control.json (a missing file means the defaults)
                 ) -> dict:
     "The control state in `path`, validated; defaults when the file does not exist."
     path = Path(path)
-    try: text = path.read_text(encoding="utf-8")
+    try: text = _read_small_regular(path, CONTROL_MAX_BYTES)
     except FileNotFoundError: return dict(CONTROL_DEFAULTS)
     try: data = json.loads(text)
     except ValueError as e: raise ControlError(f"{path} is not valid JSON ({e}); fix or delete it") from None
@@ -331,8 +355,6 @@ def step_dirname(step: int) -> str:  # training step
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     return f"step-{step:06d}"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
 # %% ../nbs/10_runlog.ipynb #54e0df95
 class RunDir:
     "The run directory: paths, run.json, the event log, control.json and previews. Writes only when `is_main`."
@@ -340,7 +362,7 @@ class RunDir:
                  is_main: bool = True,  # rank 0 writes; other ranks get no-ops
                 ):
         self.root, self.is_main = Path(output_dir), bool(is_main)
-        self._writer = None
+        self._writer = self._lock_fd = None
 
     run_json = property(lambda self: self.root / "run.json")
     events_path = property(lambda self: self.root / "events.jsonl")
@@ -350,6 +372,9 @@ class RunDir:
     lora_dir = property(lambda self: self.root / "lora")
 
     def __repr__(self): return f"RunDir({str(self.root)!r}, is_main={self.is_main})"
+    def __del__(self):  # a dropped RunDir (a notebook re-running a cell) releases its lock
+        try: self.unlock()
+        except Exception: pass
 
     # control.json (the module functions of the same names, on this run's file; writes only when is_main)
     def read_control(self) -> dict:
@@ -370,9 +395,52 @@ class RunDir:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/10_runlog.ipynb #fc2300e8
-from fastcore.basics import patch
+# %% ../nbs/10_runlog.ipynb #1cd73cf7
+LOCK_NAME = ".flux2_kit.lock"  # in output_dir: flock'ed by the run's rank 0, holding its pid, host and start time
 
+class RunLockedError(RuntimeError):
+    "The run directory is held by another live run."
+
+@patch
+def lock(self: RunDir) -> RunDir:
+    "Take the directory's exclusive lock for the life of the run (rank 0; a no-op on other ranks or when held)."
+    if not self.is_main or self._lock_fd is not None: return self
+    import fcntl
+    self.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        h = self.lock_holder() or {}
+        mine = h.get("pid") == os.getpid() and h.get("hostname") == socket.gethostname()
+        fix = ("another Trainer in this process holds it: call its finish(), or restart the kernel" if mine else
+               "wait for that run to end or stop it (its panel, or control.json), or choose another output_dir")
+        raise RunLockedError(f"{self.root} is in use by another run (pid {h.get('pid', '?')} on {h.get('hostname', '?')}, "
+                             f"since {h.get('since', '?')}): {fix}") from None
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (dumps(dict(pid=os.getpid(), hostname=socket.gethostname(), since=now)) + "\n").encode(), 0)
+    self._lock_fd = fd
+    return self
+
+# %% ../nbs/10_runlog.ipynb #6c5cfa21
+@patch
+def unlock(self: RunDir):
+    "Release the lock (the end of a run); safe to call when not held."
+    if self._lock_fd is not None: os.close(self._lock_fd); self._lock_fd = None
+
+@patch
+def lock_holder(self: RunDir) -> dict | None:
+    "`{'pid', 'hostname', 'since'}` of the last process that took the lock (it may have ended), or None."
+    try: return json.loads((self.root / LOCK_NAME).read_text(encoding="utf-8") or "null")
+    except (FileNotFoundError, ValueError): return None
+
+@patch(as_prop=True)
+def locked(self: RunDir) -> bool:
+    "Does this RunDir hold the lock?"
+    return self._lock_fd is not None
+
+# %% ../nbs/10_runlog.ipynb #fc2300e8
 @patch
 def write_run_json(self: RunDir,
                    config,  # the resolved config (dataclass or dict)
@@ -419,6 +487,22 @@ def close(self: RunDir):
     "Close (and fsync) the event log; safe to call twice."
     if self._writer is not None: self._writer.close(); self._writer = None
 
+# %% ../nbs/10_runlog.ipynb #cffa5610
+RUN_FILES = ("run.json", "events.jsonl", "control.json", "checkpoints", "previews", "lora", "logs")  # what a run writes here
+
+@patch
+def clear_run(self: RunDir) -> list[Path]:
+    "Delete what an earlier run wrote here (`RUN_FILES`; nothing else), under the lock; returns what was removed."
+    if not self.is_main: return []
+    if not self.locked: raise RuntimeError(f"clear_run needs the lock on {self.root}: call lock() first")
+    self.close()
+    gone = []
+    for name in RUN_FILES:
+        p = self.root / name
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p); gone.append(p)
+        elif p.exists() or p.is_symlink(): p.unlink(); gone.append(p)
+    return gone
+
 # %% ../nbs/10_runlog.ipynb #d0809b96
 @patch
 def preview_dir(self: RunDir, step: int) -> Path:  # training step
@@ -434,9 +518,9 @@ def save_previews(self: RunDir, step: int,  # training step
     "Write preview PNGs (+ grid.png) atomically into previews/step-NNNNNN/, then log a 'preview' event."
     if not self.is_main: return None
     for name in images:
-        if not isinstance(name, str) or not _SAFE_NAME.match(name) or name == "grid":
-            raise ValueError(f"preview image name {name!r} must be 1-128 letters, digits, '.', '_' or '-' "
-                             "(not starting with '.' and not 'grid')")
+        if not is_path_name(name) or " " in name or name == "grid":
+            raise ValueError(f"preview image name {name!r} must be 1-128 letters, digits, '.', '_', '+', '@' or '-' "
+                             "(not starting with '.' and not 'grid'): see preview_image_name")
     d = self.preview_dir(step)
     written = []
     for name, img in list(images.items()) + ([("grid", grid)] if grid is not None else []):
@@ -445,3 +529,41 @@ def save_previews(self: RunDir, step: int,  # training step
     self.log_event("preview", step=step, path=os.path.relpath(d, self.root), images=written[:len(images)],
                    grid="grid.png" if grid is not None else None, **fields)
     return d
+
+# %% ../nbs/10_runlog.ipynb #51971060
+BASE_PREFIX = "base__"  # the base model's image: base__<prompt>.png
+GUIDANCE_SEP, SCALE_SEP, MODEL_PREFIX = "__g", "__s", "on-"  # <prompt>__g<g>, <prompt>__s<scale>, on-<model>__<prompt>
+_NUM = r"\d+(?:[.p]\d*)?(?:e[-+m]?\d+)?"
+_PREVIEW_NAME = re.compile(rf"^(?P<base>{BASE_PREFIX})?(?:{MODEL_PREFIX}(?P<model>[\w.+@-]+?)__)?(?P<prompt>.+?)"
+                           rf"(?:{GUIDANCE_SEP}(?P<g>{_NUM}))?(?:{SCALE_SEP}(?P<s>{_NUM}))?$")
+
+def _num_tag(x: float, what: str) -> str:
+    x = float(x)
+    if not math.isfinite(x) or x < 0: raise ValueError(f"{what} must be a finite number >= 0, got {x!r}")
+    return f"{x:g}".replace(".", "p").replace("e-", "em")
+
+def preview_image_name(prompt_name: str,  # the prompt's name in the prompt library (any string)
+                       guidance: float | None = None,  # another guidance than validation_guidance
+                       scale: float | None = None,  # another LoRA strength than 1
+                       base: bool = False,  # the model without the LoRA
+                       model: str | None = None,  # the second preview model's tag (validation_model)
+                      ) -> str:
+    "The file name (without .png) of a preview image: 'cat', 'base__cat', 'cat__g3p5', 'cat__s0p5', 'on-distilled__cat'."
+    out = (BASE_PREFIX if base else "") + (f"{MODEL_PREFIX}{slug(model)}__" if model else "") + slug(prompt_name)
+    if guidance is not None: out += GUIDANCE_SEP + _num_tag(guidance, "guidance")
+    if scale is not None: out += SCALE_SEP + _num_tag(scale, "LoRA scale")
+    return out
+
+# %% ../nbs/10_runlog.ipynb #edf84854
+def parse_preview_name(name: str,  # a preview file name, with or without .png
+                      ) -> dict:
+    "What a preview file is: {'prompt', 'base', 'guidance', 'scale', 'model', 'grid'}."
+    stem = name[:-4] if name.lower().endswith(".png") else name
+    m = _PREVIEW_NAME.match(stem)
+    num = lambda s: None if s is None else float(s.replace("p", ".").replace("m", "-"))
+    return dict(prompt=m["prompt"], base=bool(m["base"]), guidance=num(m["g"]), scale=num(m["s"]), model=m["model"],
+                grid=stem == "grid")
+
+def guidance_image_name(prompt_name: str, guidance: float) -> str:
+    "The name of a guidance preview (`preview_image_name(prompt_name, guidance=...)`), as the panels ask for it."
+    return preview_image_name(prompt_name, guidance=guidance)

@@ -6,16 +6,15 @@
 from __future__ import annotations
 import json, os, time
 from pathlib import Path
+from fastcore.basics import patch
 
 from .config import Config, ConfigError, load_config
-from .runlog import RunDir, stable_hash
+from .runlog import RunDir, preview_image_name, stable_hash
 
 # %% auto #0
-__all__ = ['EVENTS', 'DEFAULT_CALLBACKS', 'BASE_PREFIX', 'OOM_ADVICE', 'CancelStepException', 'CancelEpochException',
-           'CancelFitException', 'TrainingError', 'Callback', 'run_callbacks', 'Trainer', 'accelerator', 'is_main',
-           'rundir', 'strategy', 'tiny_config', 'validation_prompts', 'flow_settings', 'rollout_settings',
-           'updates_per_epoch', 'max_steps', 'MixedSampler', 'data_sampler', 'ProgressCB', 'RunDirCB', 'NonFiniteCB',
-           'CheckpointCB', 'PreviewCB', 'ControlCB', 'TrackerCB']
+__all__ = ['EVENTS', 'DEFAULT_CALLBACKS', 'OOM_ADVICE', 'CancelStepException', 'CancelEpochException', 'CancelFitException',
+           'TrainingError', 'Callback', 'run_callbacks', 'Trainer', 'tiny_config', 'MixedSampler', 'ProgressCB',
+           'RunDirCB', 'NonFiniteCB', 'CheckpointCB', 'PreviewCB', 'ControlCB', 'TrackerCB']
 
 # %% ../nbs/11_trainer.ipynb #6bc7b1eb
 class CancelStepException(Exception): "Raised in `before_step` to skip this micro-batch."
@@ -44,13 +43,15 @@ def run_callbacks(callbacks, event: str, trainer):
         if fn is not None: fn(trainer)
 
 # %% ../nbs/11_trainer.ipynb #80dde513
+_CONFIG = object()  # "use the config's value" (for `check(resume=...)`)
+
 class Trainer:
     "Compose the flux2_kit steps for one run; `fit()` runs them all, or call them one cell at a time."
     def __init__(self,
                  cfg: Config | str | os.PathLike | dict,  # a Config, or a config.json path / folder / dict
                  callbacks: list | None = None,  # extra callbacks (the default ones are added unless `default_callbacks=False`)
                  default_callbacks: bool = True,  # progress bar, run directory, checkpoints, previews, NaN guard, control
-                 progress: bool = True,  # tqdm progress bars
+                 progress: bool = True,  # tqdm progress bars and the check report on stdout
                  accelerator=None,  # an `accelerate.Accelerator` to use (default: made on first use)
                  nonfinite: str = "stop",  # NaN/inf loss: "stop" (raise TrainingError) or "skip" (skip the update)
                  strategy: str | None = None,  # several processes: "ddp" or "fsdp2" (torch's fully_shard); None: the config's fsdp_enable
@@ -61,12 +62,19 @@ class Trainer:
         self._strategy = strategy
         self.progress, self.nonfinite, self._accelerator = progress, nonfinite, accelerator
         self.callbacks = ([cb() for cb in DEFAULT_CALLBACKS] if default_callbacks else []) + list(callbacks or [])
-        self.step, self.epoch = 0, 0  # optimizer updates done, epochs started
+        # where the run is: new -> checked -> running -> completed | stopped | error (fit or train_epoch goes on from there)
+        self.status, self.step, self.epoch = "new", 0, 0  # optimizer updates done, epochs started
+        self.report = self.claim = None  # the check phase's CheckReport, and its decision on output_dir (`check`)
+        self.history, self.resumed_from, self.batch, self.last, self.step_loss = [], None, None, None, None
+        # what the steps built (None until a step builds it)
         self.tables = self.text_encoder = self.vae = self.text_cache = self.transformer = None
         self.latent_caches, self.lora_info, self.optimizer, self.lr_scheduler = {}, None, None, None
-        self.sampler = self.generator = self.router = self.last = None
-        self.history, self.preview_rows, self.resumed_from = [], [], None
-        self._rundir = None
+        self.sampler = self.generator = self.router = None
+        self.base_preview = None  # {prompt name: image} of the base model: rendered once per run, the first grid row
+        self._rundir = self._sched = None
+        self._memory_plan = _CONFIG  # not planned yet
+        self._begun = False  # before_fit ran: a run segment is open until `finish`
+        self._in_fit = False  # `fit` drives: `train_epoch` leaves ending the run to it
 
     @classmethod
     def from_config(cls, src, **kwargs) -> "Trainer":
@@ -76,37 +84,35 @@ class Trainer:
     def __repr__(self):
         c = self.cfg
         return (f"Trainer({c.model_flavour}, {c.model_path}, step {self.step}/{self.max_steps if self.tables else '?'}, "
-                f"output_dir={c.output_dir!r})")
+                f"{self.status}, output_dir={c.output_dir!r})")
 
 # %% ../nbs/11_trainer.ipynb #2f904649
 DEFAULT_CALLBACKS = []  # callback classes every Trainer gets (filled in once they are defined, below)
 
-def _p(fn): setattr(Trainer, fn.__name__, property(fn)); return fn
-
-@_p
+@patch(as_prop=True)
 def accelerator(self: Trainer):
     "The run's `Accelerator`, made on first use (CPU-only machines get `cpu=True`, so several processes use gloo)."
     if self._accelerator is None:
         import torch
         from flux2_kit.train import make_accelerator
         c = self.cfg
-        mp = c.mixed_precision if c.mixed_precision != "fp16" or torch.cuda.is_available() else "no"
+        mp = c.mixed_precision if c.mixed_precision != "fp16" or torch.cuda.is_available() else "no"  # refused by `check`
         self._accelerator = make_accelerator(mp, c.gradient_accumulation_steps, cpu=not torch.cuda.is_available(),
                                              **_tracker_kwargs(c))
     return self._accelerator
 
-@_p
+@patch(as_prop=True)
 def is_main(self: Trainer) -> bool:
     "True on the process that writes the run directory (rank 0)."
     return self.accelerator.is_main_process  # the accelerator first: a bare PartialState() would miss gloo on CPU
 
-@_p
+@patch(as_prop=True)
 def rundir(self: Trainer) -> RunDir:
     "The run directory (`output_dir`); only rank 0 writes."
     if self._rundir is None: self._rundir = RunDir(self.cfg.output_dir, is_main=self.is_main)
     return self._rundir
 
-@_p
+@patch(as_prop=True)
 def strategy(self: Trainer) -> str:
     "How several processes share the transformer: 'ddp', or 'fsdp2' (the argument, else `fsdp_enable` with >1 process)."
     if self._strategy is None:
@@ -160,20 +166,19 @@ def tiny_config(workdir,  # folder holding datasets/, cache/ and output/ (create
     return load_config(raw, base_dir=workdir)
 
 # %% ../nbs/11_trainer.ipynb #927fc8d3
-from fastcore.basics import patch
-
 @patch
 def check_memory(self: Trainer,
                  gpu_memory_gb: float | None = None,  # GiB per GPU (default: the config's `gpu_memory_gb`, else the CUDA device's)
                  force: bool = False,  # plan again even if this Trainer already did
                 ):
     "Plan the run's memory before any model loads and raise `TrainingError(kind='memory')` with the planner's cheapest fix if it cannot fit; returns the `Plan` (None: not checked)."
-    if hasattr(self, "_memory_plan") and not force: return self._memory_plan
+    if self._memory_plan is not _CONFIG and not force: return self._memory_plan
     c, acc = self.cfg, self.accelerator
-    self._memory_plan = None
     gb = gpu_memory_gb if gpu_memory_gb is not None else c.gpu_memory_gb
     on_gpu = acc.device.type == "cuda"
-    if not c.memory_check or (gb is None and not on_gpu): return None
+    if not c.memory_check or (gb is None and not on_gpu):
+        self._memory_plan = None
+        return None
     if gb is None:
         import torch
         gb = torch.cuda.get_device_properties(acc.device).total_memory / 2**30
@@ -182,41 +187,79 @@ def check_memory(self: Trainer,
     except PlanError as e:
         msg, _, fixes = str(e).partition("Cheapest change that fits:\n")
         advice = "; ".join(l.strip(" -") for l in fixes.splitlines() if l.strip()) or None
-        self.rundir.log_event("error", kind="memory", message=str(e)[:2000], step=0, advice=advice)
+        if self.rundir.locked: self.rundir.log_event("error", kind="memory", message=str(e)[:2000], step=0, advice=advice)
         raise TrainingError(msg.strip() + "\n(set memory_check=False to try anyway)", kind="memory", step=0,
                             advice=advice) from None
-    self.rundir.log_event("message", text=f"memory plan: peak {p.peak / 2**30:.2f} GiB per GPU ({p.peak_phase}) of "
-                          f"{gb:.1f} GiB", processes=acc.num_processes,
-                          peaks_gb={k: round(ph.peak / 2**30, 3) for k, ph in p.phases.items()})
+    if self.rundir.locked:
+        self.rundir.log_event("message", text=f"memory plan: peak {p.peak / 2**30:.2f} GiB per GPU ({p.peak_phase}) of "
+                              f"{gb:.1f} GiB", processes=acc.num_processes,
+                              peaks_gb={k: round(ph.peak / 2**30, 3) for k, ph in p.phases.items()})
     self._memory_plan = p
     return p
 
-# %% ../nbs/11_trainer.ipynb #8f318c4f
-from fastcore.basics import patch
+# %% ../nbs/11_trainer.ipynb #a57f9de7
+def _share(self: Trainer, fn):
+    "Run `fn` on rank 0 and give its result (or its exception) to every rank."
+    out = None
+    if self.is_main:
+        try: out = ("ok", fn())
+        except BaseException as e: out = ("error", e)
+    if self.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        out = broadcast_object_list([out], from_process=0)[0]
+    if out[0] == "error": raise out[1]
+    return out[1]
 
 @patch
-def prepare_data(self: Trainer, force: bool = False):
-    "Scan, filter and bucket the image datasets (no model needed); returns `{dataset id: BucketTable}`."
-    if self.tables is not None and not force: return self.tables
-    from flux2_kit.buckets import prepare_datasets
-    c = self.cfg
-    if not c.image_datasets: raise ConfigError("no image dataset: set data_backend_config to a multidatabackend.json "
-                                               "with at least one image dataset", key="data_backend_config")
-    self.tables = prepare_datasets(c.image_datasets + [d for d in c.datasets if d.dataset_type == "conditioning"
-                                                       and not d.disabled],
-                                   seed=c.seed, conditioning_multidataset_sampling=c.conditioning_multidataset_sampling)
+def check(self: Trainer,
+          resume=_CONFIG,  # resume_from_checkpoint for this run (default: the config's)
+          claim: bool = True,  # False: a read-only Trainer (e.g. rendering a finished run's checkpoints): no lock, no decision
+         ):
+    "The check phase, once, before anything heavy loads: config, paths, names, precision, resolutions, the data scan, then `output_dir` (lock; fresh or resume) and memory. Raises `CheckError` with every problem; returns the `CheckReport`."
+    if self.report is not None: return self.report
+    from flux2_kit.check import check_config, check_data, claim_rundir
+    c, acc = self.cfg, self.accelerator
+    rep = check_config(c, acc.device.type)
+    tables, data = check_data(c, acc.num_processes)
+    rep.datasets = data.datasets
+    rep.add(*data.problems).raise_errors()  # nothing written yet: a refused run leaves output_dir as it was
+    res = c.resume_from_checkpoint if resume is _CONFIG else resume
+    if not claim:
+        from flux2_kit.check import Claim
+        self.claim = Claim(None, "read-only")
+    else: self.claim = _share(self, lambda: claim_rundir(self.rundir, res, c.overwrite_output_dir, c.source))
+    try:
+        rep.add(*self.claim.problems)
+        self.tables = tables
+        _log_data(self, rep)
+        self.check_memory()
+    except BaseException:
+        self.rundir.unlock(); self.claim = None; raise
+    self.report, self.status = rep, "checked"
+    if self.progress and self.is_main: print(f"flux2-kit check, before loading anything:\n{rep}", flush=True)
+    return rep
+
+def _log_data(self: Trainer, rep):
+    "The data scan in events.jsonl (bucket table, skipped files) and the check's problems, for the panels."
     rows = [dict(dataset=k, **r) for k, t in self.tables.items() for r in t.rows(max_paths=4)]
     self.rundir.log_event("buckets", buckets=rows)
     for k, t in self.tables.items():
-        if t.report is not None and t.report.skipped:
+        if t.report is not None and (t.report.skipped or t.report.warnings):
             self.rundir.log_event("message", text=f"dataset {k!r}: skipped {len(t.report.skipped)} files "
                                   f"({t.report.counts()})", dataset=k, skipped=t.report.rows()[:50])
+    for p in rep.problems: self.rundir.log_event("message", text=str(p), level=p.level, key=p.key)
+
+# %% ../nbs/11_trainer.ipynb #8f318c4f
+@patch
+def prepare_data(self: Trainer):
+    "The scanned, filtered and bucketed image datasets `{dataset id: BucketTable}` (no model needed; the check phase makes them)."
+    if self.tables is None: self.check()
     return self.tables
 
 @patch
 def load_encoders(self: Trainer):
     "Load the text encoder (only the layers FLUX.2 reads) and the VAE, at the configured precision."
-    self.check_memory()
+    self.check()
     from flux2_kit.models import load_text_encoder, load_vae
     c = self.cfg
     device = self.accelerator.device
@@ -239,15 +282,16 @@ def load_encoders(self: Trainer):
 # %% ../nbs/11_trainer.ipynb #3e5a24e9
 @patch
 def prompts_to_cache(self: Trainer) -> list:
-    "Every prompt the run can ask for: all caption variants, '', validation prompts."
+    "Every prompt the run can ask for: all caption variants, '', validation prompts, the negative prompt."
     out = {"": None}
     for t in self.prepare_data().values():
         for it in t.items:
             for cap in it.captions: out[cap] = None
     for p in self.validation_prompts.values(): out[p] = None
+    if self.cfg.validation_negative_prompt: out[self.cfg.validation_negative_prompt] = None
     return list(out)
 
-@_p
+@patch(as_prop=True)
 def validation_prompts(self: Trainer) -> dict:
     "name -> prompt for previews: the user prompt library, else `validation_prompt`, else the first two captions."
     c = self.cfg
@@ -266,14 +310,36 @@ def _latent_request(x):
     data = None if getattr(it, "source", None) is None else functools.partial(item_bytes, it)  # read when hashed / encoded, not kept
     return LatentRequest(x.path, tuple(x.crop), tuple(x.target), data=data)
 
+# %% ../nbs/11_trainer.ipynb #656b20b4
+def _drop_failed(self: Trainer):
+    "Images that passed the scan but failed to encode (changed or removed since, unreadable by the VAE path) leave the tables, named on the terminal and in the run log; the run goes on without them."
+    from flux2_kit.buckets import drop_items
+    from flux2_kit.data import DataError
+    failed = {str(p): why for lc in self.latent_caches.values() for p, why in lc.stats.failed}
+    if self.accelerator.num_processes > 1:  # every rank must drop the same items
+        from accelerate.utils import gather_object
+        failed = {p: w for part in gather_object([failed]) for p, w in part.items()}
+    if not failed: return
+    for k, t in list(self.tables.items()):
+        self.tables[k] = drop_items(t, failed)
+        if not self.tables[k].items:
+            raise DataError(f"dataset {k!r}: no image could be encoded ({len(failed)} failed, e.g. "
+                            f"{next(iter(failed))}: {next(iter(failed.values()))}); fix the files and run again")
+    self.sampler = None  # rebuilt over the remaining items
+    names = ", ".join(f"{Path(p).name} ({w})" for p, w in list(failed.items())[:5])
+    msg = f"{len(failed)} image(s) could not be encoded and are left out: {names}"
+    self.rundir.log_event("message", text=msg, level="warning", files=list(failed)[:50])
+    if self.is_main: print(f"warning: {msg}", flush=True)
+
+# %% ../nbs/11_trainer.ipynb #aca440e7
 @patch
 def cache(self: Trainer, free_text_encoder: bool = True):
-    "Fill the text-embed and latent caches (encoding only what is missing), then free the text encoder."
+    "Fill the text-embed and latent caches (encoding only what is missing), leave out images that fail, then free the text encoder."
     from flux2_kit.cache import cache_latents, cache_text_embeds
     from flux2_kit.data import latent_requests, load_image
     from flux2_kit.models import free
     c = self.cfg
-    self.prepare_data()
+    self.check()
     if self.text_encoder is None or self.vae is None: self.load_encoders()
     te = c.text_embeds_dataset
     prompts = self.prompts_to_cache()
@@ -294,12 +360,13 @@ def cache(self: Trainer, free_text_encoder: bool = True):
         done += len(reqs)
         self.rundir.log_event("cache", kind="latents", done=done, total=total,
                               hits=self.latent_caches[d].stats.hits, misses=self.latent_caches[d].stats.misses)
+    _drop_failed(self)
     if free_text_encoder and self.text_encoder is not None:
         free(self.text_encoder); self.text_encoder = None
     return self.text_cache, self.latent_caches
 
 # %% ../nbs/11_trainer.ipynb #d8c14129
-@_p
+@patch(as_prop=True)
 def flow_settings(self: Trainer):
     "The flow-matching settings from the config."
     from flux2_kit.flow import FlowSettings
@@ -319,7 +386,7 @@ def build_lora(self: Trainer):
     from accelerate.utils import set_seed
     c, acc = self.cfg, self.accelerator
     if self.transformer is not None: return self.lora_info
-    self.check_memory()
+    self.check()
     if acc.num_processes > 1:  # the refusals of `launch` also hold under `accelerate launch` from a terminal
         from flux2_kit.launch import check_strategy
         check_strategy(c, self.strategy, cuda=acc.device.type == "cuda")
@@ -358,19 +425,19 @@ def build_lora(self: Trainer):
                                                                                 c.gradient_checkpointing)
     return self.lora_info
 
-@_p
+@patch(as_prop=True)
 def rollout_settings(self: Trainer):
     "Scheduled sampling from the `scheduled_sampling_*` keys, or None when it is off (the default)."
     from flux2_kit.rollout import RolloutSettings, rollout_enabled
     rs = RolloutSettings.from_config(self.cfg)
     return rs if rollout_enabled(rs) else None
 
-@_p
+@patch(as_prop=True)
 def updates_per_epoch(self: Trainer) -> int:
     "Optimizer updates in one epoch on this process."
     return max(1, len(self.data_sampler) // self.cfg.gradient_accumulation_steps)
 
-@_p
+@patch(as_prop=True)
 def max_steps(self: Trainer) -> int:
     "`max_train_steps`, or `num_train_epochs` x updates per epoch when it is 0."
     c = self.cfg
@@ -415,7 +482,7 @@ class MixedSampler:
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         return self
 
-@_p
+@patch(as_prop=True)
 def data_sampler(self: Trainer) -> MixedSampler:
     "The run's batch sampler (made on first use; sharded over processes)."
     if self.sampler is None:
@@ -480,9 +547,10 @@ def _global_draws(self: Trainer):
 @patch
 def begin(self: Trainer):
     "Start the run once: the `before_fit` callbacks (run.json, run_start, progress bar, control file); `train_epoch` and `fit` call it, later calls do nothing."
-    if getattr(self, "_begun", False): return
-    self._begun = True  # set first: a before_fit callback may call back into the Trainer (PreviewCB -> preview)
-    if getattr(self, "status", None) != "running": self.status = "running"
+    if self._begun: return
+    self.check()
+    if self.is_main and not self.rundir.locked: self.rundir.lock()  # a later segment of this run (after finish)
+    self._begun, self.status = True, "running"  # first: a before_fit callback may call back in (PreviewCB -> preview)
     run_callbacks(self.callbacks, "before_fit", self)
 
 @patch
@@ -491,8 +559,9 @@ def _train_epoch(self: Trainer, max_steps: int | None = None):
     import functools
     from flux2_kit.rollout import flow_match_loss_with_rollout
     from flux2_kit.train import to_device, train_step
-    if self.transformer is None: self.build_lora()
     if self.text_cache is None: self.cache()
+    if self.transformer is None: self.build_lora()
+    if self.resumed_from is None and self.claim.checkpoint is not None: self.resume()
     c, acc = self.cfg, self.accelerator
     limit = self.max_steps if max_steps is None else max_steps
     rollout, results = self.rollout_settings, []
@@ -531,63 +600,68 @@ def _train_epoch(self: Trainer, max_steps: int | None = None):
 @patch
 def train_epoch(self: Trainer, max_steps: int | None = None):
     "Train until the end of the current epoch (or `max_steps` updates in total); returns this epoch's step results."
-    if getattr(self, "_in_fit", False): return self._train_epoch(max_steps)  # fit logs errors and ends the run
-    if getattr(self, "_begun", False): self.status = "running"  # a cell run again after an error goes on
+    if self._in_fit: return self._train_epoch(max_steps)  # fit ends the run, and logs an error once
+    if self._begun: self.status = "running"  # a cell run again after an error goes on
     try: return self._train_epoch(max_steps)
     except CancelFitException:  # stop from the control file, cell by cell: checkpoint, export, run_end
         self.finish("stopped")
         return []
     except BaseException as e:  # logged like fit logs it (OOM with advice); the run stays open: retry, or finish("error")
-        self.status = "error"
-        err = _error_event(self, e)
+        err = self._fail(e)
         if err is e: raise
         raise err from e
 
 # %% ../nbs/11_trainer.ipynb #fa416887
-BASE_PREFIX = "base__"
-
-def _guidance_tag(g: float) -> str: return f"g{g:g}".replace(".", "p").replace("-", "m")
-
 @patch
 def preview(self: Trainer,
             guidance: float | list | None = None,  # override validation_guidance; a list renders one image per value
             write: bool = True,  # write previews/step-NNNNNN/ and a 'preview' event (rank 0)
             request_id: int | None = None,  # the control.json preview request being answered
            ) -> dict:
-    "Render the prompt library with the current LoRA (and the base model once); returns `{name: PIL image}`."
-    from flux2_kit.preview import make_grid, preview, validation_pipeline
+    "Render the prompt library with the current LoRA (and, once per run, the base model); returns `{file name: image}`."
+    from flux2_kit.preview import make_grid
     c = self.cfg
-    if self.transformer is None: self.build_lora()
+    self.check()
     if self.text_cache is None: self.cache()
+    if self.transformer is None: self.build_lora()
     if not self.is_main and self.strategy != "fsdp2": return {}  # FSDP2: every rank takes part in the forwards
-    t0 = time.perf_counter()
-    pipe = validation_pipeline(self.transformer, self.vae, _scheduler(self))
-    prompts = self.validation_prompts
-    kw = dict(seed=c.effective_validation_seed, resolution=c.validation_resolution,
-              steps=c.validation_num_inference_steps)
+    t0, prompts = time.perf_counter(), self.validation_prompts
+    render = _renderer(self)
     values = [c.validation_guidance] if guidance is None else ([guidance] if isinstance(guidance, (int, float)) else list(guidance))
-    images = {}
+    images, row = {}, None
     for g in values:
-        tag = "" if guidance is None else f"__{_guidance_tag(g)}"
-        images.update({f"{n}{tag}": im for n, im in preview(pipe, prompts, self.text_cache, guidance=g, **kw).items()})
-    if not self.preview_rows:  # the base model's row, once per run
-        base = preview(pipe, prompts, self.text_cache, guidance=c.validation_guidance, use_lora=False, **kw)
-        self.preview_rows.append(("base", base))
-        images.update({f"{BASE_PREFIX}{n}": im for n, im in base.items()})
+        row = render(g)
+        images.update({preview_image_name(n, None if guidance is None else g): im for n, im in row.items()})
+    if self.base_preview is None:  # the base model once per run; at step 0 a no-op adapter *is* the base model
+        same = guidance is None and self.step == 0 and self.resumed_from is None and c.lora_init_type == "default"
+        self.base_preview = row if same else render(c.validation_guidance, use_lora=False)
+        images.update({preview_image_name(n, base=True): im for n, im in self.base_preview.items()})
     if not self.is_main: return {}
     grid = None
-    if guidance is None:
-        self.preview_rows.append((f"step {self.step}", {n: images[n] for n in prompts}))
-        grid = make_grid(self.preview_rows, columns=list(prompts))
+    if guidance is None:  # this step's grid: the base row, then this step's row (memory and disk stay per step)
+        label = f"base = step 0" if row is self.base_preview else "base"
+        rows = [(label, self.base_preview)] + ([] if row is self.base_preview else [(f"step {self.step}", row)])
+        grid = make_grid(rows, columns=list(prompts))
     if write:
         self.rundir.save_previews(self.step, images, grid=grid, guidance=values, request_id=request_id,
-                                  prompts=prompts, seconds=round(time.perf_counter() - t0, 3))
+                                  prompts=prompts, files={n: preview_image_name(n) for n in prompts},
+                                  seconds=round(time.perf_counter() - t0, 3))
     return images
+
+def _renderer(self: Trainer):
+    "`render(guidance, use_lora=True) -> {prompt name: image}` with the run's validation settings."
+    from flux2_kit.preview import preview, validation_pipeline
+    c = self.cfg
+    pipe = validation_pipeline(self.transformer, self.vae, _scheduler(self))
+    neg = self.text_cache[c.validation_negative_prompt] if c.validation_negative_prompt and c.is_klein else None
+    kw = dict(seed=c.effective_validation_seed, resolution=c.validation_resolutions[0],
+              steps=c.validation_num_inference_steps, negative_embeds=neg)
+    return lambda g, use_lora=True: preview(pipe, self.validation_prompts, self.text_cache, guidance=g, use_lora=use_lora, **kw)
 
 def _scheduler(self: Trainer):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from flux2_kit.models import resolve_model_path
-    if getattr(self, "_sched", None) is None:
+    if self._sched is None:
         self._sched = FlowMatchEulerDiscreteScheduler.from_pretrained(resolve_model_path(self.cfg.model_path),
                                                                       subfolder="scheduler", revision=self.cfg.revision)
     return self._sched
@@ -595,18 +669,18 @@ def _scheduler(self: Trainer):
 # %% ../nbs/11_trainer.ipynb #e22e8baf
 @patch
 def resume_meta(self: Trainer) -> dict:
-    "What a checkpoint must match to be resumed."
+    "What a checkpoint must match to be resumed (and the run it belongs to)."
     from flux2_kit.models import resolve_model_path
     c = self.cfg
     fp = stable_hash({k: t.fingerprint() for k, t in self.prepare_data().items()})
     src = str(c.model_path) if ":" in str(c.model_path) and not Path(str(c.model_path)).exists() else str(resolve_model_path(c.model_path))
     return dict(base_model=src, model_flavour=c.model_flavour, dataset_fingerprint=fp, lora_rank=c.lora_rank,
                 lora_alpha=float(c.effective_lora_alpha), lora_targets=list(self.lora_info.targets) if self.lora_info else [],
-                lora_type=c.lora_type, config_hash=stable_hash(c.to_dict()))
+                lora_type=c.lora_type, config_hash=stable_hash(c.to_dict()), run_id=self.claim.run_id)
 
 @patch
 def save(self: Trainer) -> Path | None:
-    "Write a checkpoint of the current step (rank 0), prune to `checkpoints_total_limit`; returns its folder."
+    "Write a checkpoint of the current step (rank 0), then prune this run's checkpoints to `checkpoints_total_limit`; returns its folder."
     from flux2_kit.checkpoint import capture_rng, prune_checkpoints, save_checkpoint
     from flux2_kit.lora import lora_state_dict
     acc = self.accelerator
@@ -624,25 +698,28 @@ def save(self: Trainer) -> Path | None:
                         sampler_state=self.data_sampler.state_dict(), rng=rng, meta=self.resume_meta(),
                         extra=dict(epoch=self.epoch, strategy=self.strategy), overwrite=True)
     self.rundir.log_event("checkpoint", step=self.step, path=os.path.relpath(p, self.rundir.root))
-    if self.cfg.checkpoints_total_limit: prune_checkpoints(self.rundir.checkpoints_dir, self.cfg.checkpoints_total_limit)
+    if self.cfg.checkpoints_total_limit:
+        prune_checkpoints(self.rundir.checkpoints_dir, self.cfg.checkpoints_total_limit, run_id=self.claim.run_id)
     return p
 
+# %% ../nbs/11_trainer.ipynb #65dd7518
 @patch
-def resume(self: Trainer, checkpoint: str | os.PathLike | None = None) -> Path | None:
-    "Load a checkpoint (`'latest'`, a folder, or the config's `resume_from_checkpoint`); returns it, or None if none."
-    from flux2_kit.checkpoint import check_resume_compatible, latest_checkpoint, load_checkpoint, restore_rng
+def resume(self: Trainer,
+           checkpoint: str | os.PathLike | None = None,  # 'latest', a checkpoint name or folder; None: the config's resume_from_checkpoint
+          ) -> Path | None:
+    "Load the checkpoint this run continues (LoRA, optimizer, LR schedule, data position, generators); returns it, or None when the run starts at step 0."
+    from flux2_kit.checkpoint import check_resume_compatible, load_checkpoint, restore_rng
     from flux2_kit.lora import adapter_name_of, unwrap_model
     from peft import set_peft_model_state_dict
-    src = checkpoint if checkpoint is not None else self.cfg.resume_from_checkpoint
-    if src in (None, "", "none", "None"): return None
+    if self.claim is None: self.check(resume=_CONFIG if checkpoint is None else str(checkpoint))
+    elif checkpoint is not None and self.resumed_from is None and (self.claim.checkpoint is None or (
+            str(checkpoint) != "latest" and Path(checkpoint).name != self.claim.checkpoint.name)):
+        raise RuntimeError(f"this Trainer already began {'a fresh run' if self.claim.checkpoint is None else 'from ' + self.claim.checkpoint.name} "
+                           f"in {self.rundir.root}; to resume {checkpoint!r}, call resume() before any other step, or "
+                           "use a new Trainer (resume_from_checkpoint in the config)")
+    path = self.claim.checkpoint
+    if path is None or self.resumed_from == path: return path
     if self.transformer is None: self.build_lora()
-    root = self.rundir.checkpoints_dir
-    if str(src) == "latest":
-        path = latest_checkpoint(root)
-        if path is None: return None
-    else:
-        path = Path(src)
-        if not path.is_absolute() and not path.exists(): path = root / path
     ck = load_checkpoint(path)
     check_resume_compatible(ck["meta"], self.resume_meta(), checkpoint=path)
     saved = ck["extra"].get("strategy", "ddp")
@@ -666,6 +743,7 @@ def resume(self: Trainer, checkpoint: str | os.PathLike | None = None) -> Path |
     self.rundir.log_event("message", text=f"resumed from {path.name} at step {self.step}")
     return path
 
+# %% ../nbs/11_trainer.ipynb #1a396f18
 @patch
 def export(self: Trainer, formats=("diffusers", "comfyui"), out_dir=None) -> dict:
     "Write the LoRA to `output_dir/lora/`: diffusers (`pytorch_lora_weights.safetensors`) and ComfyUI/BFL layout."
@@ -691,22 +769,25 @@ def export(self: Trainer, formats=("diffusers", "comfyui"), out_dir=None) -> dic
 # %% ../nbs/11_trainer.ipynb #d860aa20
 class ProgressCB(Callback):
     "A tqdm progress bar over optimizer updates, with loss and LR."
-    order = 90
+    order, bar = 90, None
     def before_fit(self, t):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=t.max_steps, initial=t.step, desc="train", disable=not (t.progress and t.is_main))
     def after_step(self, t):
-        if t.last.stepped:
-            self.bar.update(1); self.bar.set_postfix(loss=f"{getattr(t, 'step_loss', t.last.loss):.4f}", lr=f"{t.last.lr:.2e}")
-    def after_fit(self, t): self.bar.close()
+        if t.last.stepped and self.bar is not None:
+            self.bar.update(1); self.bar.set_postfix(loss=f"{t.last.loss if t.step_loss is None else t.step_loss:.4f}", lr=f"{t.last.lr:.2e}")
+    def after_fit(self, t):
+        if self.bar is not None: self.bar.close()  # a run that failed in before_fit has no bar
 
+# %% ../nbs/11_trainer.ipynb #0b688680
 class RunDirCB(Callback):
     "run.json at the start; a `step` event per update (loss, lr, sigmas, per-sample losses, grad norm, speed, ETA)."
     order = 10
     def before_fit(self, t):
         t.rundir.write_run_json(t.cfg.to_dict(), seed=t.cfg.seed, world_size=t.accelerator.num_processes,
-                                resumed_from=str(t.resumed_from) if t.resumed_from else None, max_steps=t.max_steps)
-        t.rundir.log_event("run_start", step=t.step, max_steps=t.max_steps)
+                                resumed_from=str(t.resumed_from) if t.resumed_from else None, max_steps=t.max_steps,
+                                run_id=t.claim.run_id)
+        t.rundir.log_event("run_start", step=t.step, max_steps=t.max_steps, run_id=t.claim.run_id)
         self.t0, self.s0, self.samples, self.acc = time.time(), t.step, 0, []
     def after_step(self, t):
         r = t.last
@@ -727,6 +808,7 @@ class RunDirCB(Callback):
                            grad_norm=r.grad_norm, samples_per_s=self.samples * t.accelerator.num_processes / dt,
                            eta_s=(t.max_steps - t.step) / rate if rate > 0 else None, epoch=t.epoch, max_steps=t.max_steps)
 
+# %% ../nbs/11_trainer.ipynb #3e35973e
 class NonFiniteCB(Callback):
     "Stop on a NaN/inf loss or gradient, naming the step and the files of the batch (no checkpoint is written)."
     order = 0
@@ -741,15 +823,19 @@ class NonFiniteCB(Callback):
                             advice="lower learning_rate, set max_grad_norm (e.g. 1.0), use bf16 instead of fp16, "
                                    "or check the listed images; no checkpoint was written for this step")
 
+# %% ../nbs/11_trainer.ipynb #68b4f32a
 class CheckpointCB(Callback):
-    "A checkpoint every `checkpointing_steps` updates and at the end of the run."
+    "A checkpoint every `checkpointing_steps` updates and at the end of the run (unless the run trained nothing new)."
     order = 50
+    def before_fit(self, t): self.start = t.step
     def after_step(self, t):
         n = t.cfg.checkpointing_steps
         if n and t.last.stepped and t.step % n == 0 and t.step < t.max_steps: t.save()
     def after_fit(self, t):
-        if t.status in ("completed", "stopped") and t.step > 0: t.save()
+        if t.status in ("completed", "stopped") and t.step > 0 and (t.step != getattr(self, "start", None) or t.resumed_from is None):
+            t.save()
 
+# %% ../nbs/11_trainer.ipynb #7c6636ed
 class PreviewCB(Callback):
     "Previews every `validation_steps` updates (and at the start and the end when validation_steps is set)."
     order = 60
@@ -762,16 +848,20 @@ class PreviewCB(Callback):
         n = t.cfg.validation_steps
         if n and t.status == "completed" and t.step % n: t.preview()
 
+# %% ../nbs/11_trainer.ipynb #0dc8c2b9
 class ControlCB(Callback):
     "Honour control.json between steps: stop (checkpoint, then end), pause/resume, preview now at given guidance."
     order = 70
-    def __init__(self, poll_s: float = 0.5): self.poll_s = poll_s
+    def __init__(self, poll_s: float = 0.5): self.poll_s, self.reported = poll_s, None
     def before_fit(self, t):
         t.rundir.reset_control()
         self.poller = t.rundir.control_poller()
     def _state(self, t) -> dict:
         import torch
         st = self.poller.poll() if t.is_main else {}
+        if t.is_main and self.poller.error != self.reported:  # an invalid control.json is answered, once per change
+            self.reported = self.poller.error
+            if self.poller.error: t.rundir.log_event("error", kind="control", message=f"control.json ignored: {self.poller.error}")
         req = self.poller.take_preview() if t.is_main else None
         flags = [int(bool(st.get("stop"))), int(bool(st.get("pause"))), -1 if req is None else int(req["id"])]
         if t.accelerator.num_processes > 1:  # rank 0 decides; everyone follows
@@ -795,6 +885,7 @@ class ControlCB(Callback):
             t.rundir.log_event("control", action="stop")
             raise CancelFitException()
 
+# %% ../nbs/11_trainer.ipynb #471bd095
 class TrackerCB(Callback):
     "Log step metrics to accelerate's trackers (`report_to`: tensorboard / wandb)."
     order = 20
@@ -802,7 +893,7 @@ class TrackerCB(Callback):
         if t.cfg.trackers: t.accelerator.init_trackers("flux2_kit", config=_flat(t.cfg.to_dict()))
     def after_step(self, t):
         if t.cfg.trackers and t.last.stepped:
-            t.accelerator.log(dict(loss=getattr(t, "step_loss", t.last.loss), lr=t.last.lr, grad_norm=t.last.grad_norm or 0.0),
+            t.accelerator.log(dict(loss=t.last.loss if t.step_loss is None else t.step_loss, lr=t.last.lr, grad_norm=t.last.grad_norm or 0.0),
                               step=t.step)  # the mean over accumulation steps and ranks, as in events.jsonl
     def after_fit(self, t):
         if t.cfg.trackers: t.accelerator.end_training()
@@ -821,44 +912,43 @@ def _is_oom(e: BaseException) -> bool:
     import torch
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
-def _error_event(t, e: BaseException) -> BaseException:
-    "Log an `error` event for `e` (out of memory becomes a `TrainingError` with `OOM_ADVICE`); returns what to raise."
-    err = e
+@patch
+def _fail(self: Trainer, e: BaseException) -> BaseException:
+    "The one error path: mark the run 'error' and log `e` (out of memory becomes a `TrainingError` with advice); returns what to raise."
+    self.status, err = "error", e
     if _is_oom(e):
-        err = TrainingError(f"out of memory at step {t.step + 1}: {str(e)[:300]}", kind="oom", step=t.step + 1,
+        err = TrainingError(f"out of memory at step {self.step + 1}: {str(e)[:300]}", kind="oom", step=self.step + 1,
                             advice=OOM_ADVICE)
-    t.rundir.log_event("error", message=str(err)[:2000], kind=getattr(err, "kind", type(e).__name__),
-                       step=t.step + 1, advice=getattr(err, "advice", None), files=getattr(err, "files", None))
+    if self.claim is not None:  # a run that was refused by its check wrote nothing, and logs nothing
+        self.rundir.log_event("error", message=str(err)[:2000], kind=getattr(err, "kind", type(e).__name__),
+                              step=self.step + 1, advice=getattr(err, "advice", None), files=getattr(err, "files", None))
     return err
 
+# %% ../nbs/11_trainer.ipynb #025ac13d
 @patch
 def fit(self: Trainer):
-    "Train to `max_train_steps` with resume, checkpoints, previews and export; returns the step results."
-    self.status = "running"
-    self.check_memory()
-    self.prepare_data()
-    if self.text_cache is None: self.cache()
-    if self.transformer is None: self.build_lora()
-    if self.resumed_from is None: self.resume()
-    self._in_fit = True  # train_epoch leaves error events and stops to fit
+    "Check, cache, build the LoRA, resume (when asked), train to `max_train_steps`, then the final checkpoint, previews and export; returns the step results."
+    self._in_fit = True  # train_epoch leaves error events and the end of the run to fit
     try:
+        self.check()
+        if self.text_cache is None: self.cache()
+        if self.transformer is None: self.build_lora()
+        if self.resumed_from is None: self.resume()
         self.begin()  # once: not again when train_epoch cells already started the run
         while self.step < self.max_steps:
             before = self.step
             self.history += self.train_epoch()
             if self.step == before: raise TrainingError("an epoch made no optimizer update: check the dataset "
                                                         "(bucket report) and gradient_accumulation_steps")
-        self.status = "completed"
-    except CancelFitException:
-        self.status = "stopped"
+        status = "completed"
+    except CancelFitException: status = "stopped"
     except BaseException as e:
-        self.status = "error"
-        err = _error_event(self, e)
+        err = self._fail(e)
         self.finish("error")
         if err is e: raise
         raise err from e
     finally: self._in_fit = False
-    self.finish(self.status)  # after_fit (final checkpoint and preview), export, run_end
+    self.finish(status)  # after_fit (final checkpoint and preview), export, run_end
     return self.history
 
 # %% ../nbs/11_trainer.ipynb #df87d67e
@@ -867,15 +957,33 @@ def finish(self: Trainer,
            status: str = "completed",  # how the run ended: "completed", "stopped" or "error" (run_end's status)
            export: bool = True,  # write the LoRA to `output_dir/lora/` as `fit` does (completed or stopped runs only)
           ) -> dict | None:
-    "End a run trained cell by cell, once: `after_fit` (final checkpoint and preview, progress bar, trackers), export, `run_end`; returns the exports, None when no run is open."
+    "End the run once: `after_fit` (final checkpoint and preview, progress bar, trackers), export, `run_end`, and release `output_dir`; returns the exports, None when no run is open."
     if status not in ("completed", "stopped", "error"):
         raise ValueError(f"finish(status={status!r}): use 'completed', 'stopped' or 'error'")
-    if not getattr(self, "_begun", False): return None  # never started, or already finished
-    self.status = status
-    cbs = self.callbacks if status != "error" else [cb for cb in self.callbacks if isinstance(cb, (ProgressCB, TrackerCB))]
-    run_callbacks(cbs, "after_fit", self)  # an error writes no checkpoint and no preview
-    self._begun = False  # a later train_epoch or fit starts a new run segment
-    res = self.export() if export and status in ("completed", "stopped") else {}
-    self.rundir.log_event("run_end", status=status, step=self.step)
+    if not self._begun:  # never started (or already finished): a failure before the start still closes the run
+        if status == "error" and self.rundir.locked: self.rundir.log_event("run_end", status="error", step=self.step)
+        self.rundir.unlock()
+        return None
+    self._begun, self.status, res = False, status, {}
+    cleanup = [cb for cb in self.callbacks if isinstance(cb, (ProgressCB, TrackerCB))]
+    try:
+        if status != "error":
+            run_callbacks(self.callbacks, "after_fit", self)  # the final checkpoint and preview
+            res = self.export() if export else {}
+    except BaseException as e:  # a failing save or export: reported like any training error, the cleanup still runs
+        err, status = self._fail(e), "error"
+        _end(self, status, cleanup)
+        if err is e: raise
+        raise err from e
+    _end(self, status, cleanup if status == "error" else [])
     return res
 
+def _end(self: Trainer, status: str, cleanup: list):
+    "Close the run: the cleanup callbacks (each guarded: their errors are logged, never raised over the original), run_end, the lock."
+    for cb in sorted(cleanup, key=lambda c: c.order):
+        try: cb.after_fit(self)
+        except Exception as e: self.rundir.log_event("error", kind="cleanup", message=f"{cb!r}.after_fit failed: {e}"[:2000])
+    self.status = status
+    self.rundir.log_event("run_end", status=status, step=self.step)
+    self.rundir.close()
+    self.rundir.unlock()

@@ -129,7 +129,7 @@ BROKEN = {  # name: (changes to the quickstart config, text the error must conta
     "guidance min > max": ({"flux_guidance_mode": "random-range", "flux_guidance_min": 6, "flux_guidance_max": 2},
                            "'flux_guidance_min' = 6 is above 'flux_guidance_max' = 2"),
     "bad precision": ({"base_model_precision": "int3-quanto"}, "'base_model_precision' = 'int3-quanto' is not one of"),
-    "torchao precision": ({"text_encoder_1_precision": "int8-torchao"}, "use 'int8-quanto', 'int4-quanto' or 'fp8-quanto'"),
+    "torchao precision": ({"text_encoder_1_precision": "int8-torchao"}, "the nearest supported setting is 'int8-quanto'"),
     "bad resolution": ({"validation_resolution": "1024x"}, "'1024x' is not WIDTH or WIDTHxHEIGHT"),
     "resolution not /16": ({"validation_resolution": "1000"}, "not a positive multiple of 16"),
     "bad tread ratio": ({"tread_config": {"routes": [{"selection_ratio": 1.2, "start_layer_idx": 2, "end_layer_idx": -2}]}},

@@ -71,11 +71,12 @@ def run(tmp_path, table):
 # --- names ----------------------------------------------------------------------------------------------------------
 
 def test_preview_names_round_trip():
-    from flux2_kit.trainer import _guidance_tag
-    for prompt, g in [("cat", 1.0), ("a_b-c.d", 3.5), ("x__y", 12.25), ("tiny", 1e-5)]:
+    from flux2_kit.runlog import preview_image_name, slug
+    for prompt, g in [("cat", 1.0), ("a_b-c.d", 3.5), ("x__y", 12.25), ("tiny", 1e-5), ("my cat", 2.0)]:
         n = guidance_image_name(prompt, g)
-        assert n == f"{prompt}__{_guidance_tag(g)}"  # the name the trainer writes
-        assert parse_preview_name(n + ".png") == dict(prompt=prompt, base=False, guidance=g, grid=False)
+        assert n == preview_image_name(prompt, guidance=g)  # the name the trainer writes
+        assert parse_preview_name(n + ".png") == dict(prompt=slug(prompt), base=False, guidance=g, scale=None, model=None,
+                                                      grid=False)
     assert parse_preview_name("cat__g3.5.png")["guidance"] == 3.5
     assert parse_preview_name(BASE_PREFIX + "cat.png")["base"]
     with pytest.raises(ValueError, match=">= 0"): guidance_image_name("cat", -1)
