@@ -74,7 +74,8 @@ def comfyui_dora_scale(weight: torch.Tensor,  # the base weight W, (out, in)
     w = weight.float()
     return (magnitude.float() * (w.norm(dim=1) + eps) / (w + delta.float()).norm(dim=1))[:, None]
 
-def peft_magnitude(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+def peft_magnitude(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor,
+                   eps: float = _EPS) -> torch.Tensor:
     "The inverse: peft's `lora_magnitude_vector` (out,) from a ComfyUI output-axis `dora_scale`."
     w = weight.float()
     return dora_scale.float().reshape(-1) * (w + delta.float()).norm(dim=1) / (w.norm(dim=1) + eps)
@@ -94,7 +95,8 @@ def bfl_of_kohya(name: str) -> str:
     m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(.+)", body or "")
     if m and m[3] in _KOHYA_IN_BLOCK: return f"{m[1]}.{m[2]}.{_KOHYA_IN_BLOCK[m[3]]}"
     if body in _KOHYA_GLOBAL: return _KOHYA_GLOBAL[body]
-    raise ValueError(f"{name!r} is not a kohya/musubi FLUX.2 module name (lora_unet_<BFL module with _>) flux2_kit knows")
+    raise ValueError(f"{name!r} is not a kohya/musubi FLUX.2 module name (lora_unet_<BFL module with _>) "
+                     "flux2_kit knows")
 
 # %% ../nbs/06b_export.ipynb #4e81d840
 class NotRepresentable(ValueError):
@@ -152,11 +154,13 @@ def _lokr_bfl(sd, scales, naming):
             out.update({f"{name}.lokr_w1": (w1 * s).contiguous(), f"{name}.lokr_w2": p["lokr_w2"]})
         else:
             out.update({f"{name}.lokr_w1": w1.contiguous(), f"{name}.lokr_w2_a": p["lokr_w2_a"],
-                        f"{name}.lokr_w2_b": p["lokr_w2_b"], f"{name}.alpha": torch.tensor(s * p["lokr_w2_b"].shape[0])})
+                        f"{name}.lokr_w2_b": p["lokr_w2_b"],
+                        f"{name}.alpha": torch.tensor(s * p["lokr_w2_b"].shape[0])})  # ComfyUI, musubi: alpha / rank
     if qkv:
-        raise NotRepresentable(f"LoKr on the double blocks' Q/K/V ({len(qkv)} modules, e.g. {qkv[0]!r}) has no kohya/musubi "
-                               "form: musubi-tuner's FLUX.2 modules fuse them into one qkv linear, and a stack of Kronecker "
-                               "products is no Kronecker product. Use the comfyui file, or a preset without them ('mlp').")
+        raise NotRepresentable(f"LoKr on the double blocks' Q/K/V ({len(qkv)} modules, e.g. {qkv[0]!r}) has no "
+                               "kohya/musubi form: musubi-tuner's FLUX.2 modules fuse them into one qkv linear, and a "
+                               "stack of Kronecker products is no Kronecker product. Use the comfyui file, or a preset "
+                               "without them ('mlp').")
     return out
 
 # %% ../nbs/06b_export.ipynb #28305c7b
@@ -177,7 +181,8 @@ def _loha_bfl(sd, scales, naming):
         ps = [(blank, 0.0) if p is None else (p, s) for p, s in ps]
         w1a = [p["hada_w1_a"] * (1.0 if keep else s) for p, s in ps]
         t = {"hada_w1_a": torch.block_diag(*w1a), "hada_w2_a": torch.block_diag(*[p["hada_w2_a"] for p, _ in ps]),
-             "hada_w1_b": torch.cat([p["hada_w1_b"] for p, _ in ps]), "hada_w2_b": torch.cat([p["hada_w2_b"] for p, _ in ps])}
+             "hada_w1_b": torch.cat([p["hada_w1_b"] for p, _ in ps]),
+             "hada_w2_b": torch.cat([p["hada_w2_b"] for p, _ in ps])}
         name, rank = _bfl_name(bfl, naming), t["hada_w1_b"].shape[0]
         out.update({f"{name}.{k}": v.contiguous() for k, v in t.items()})
         out[f"{name}.alpha"] = torch.tensor((next(iter(parts.values()))[1] if keep else 1.0) * rank)
@@ -198,9 +203,10 @@ def to_bfl(sd: dict,  # adapter state dict in peft/diffusers names (`lora.lora_s
     out = _lora_bfl(sd, scales, naming)
     if kind == "dora":
         if naming == "kohya":
-            raise NotRepresentable("DoRA has no kohya/musubi form: musubi-tuner's FLUX.2 LoRA has no DoRA and diffusers' "
-                                   "kohya converter drops dora_scale. Use the comfyui or diffusers file.")
-        if base is None: raise ValueError("a DoRA export needs base=<the transformer> (ComfyUI's dora_scale depends on W)")
+            raise NotRepresentable("DoRA has no kohya/musubi form: musubi-tuner's FLUX.2 LoRA has no DoRA and "
+                                   "diffusers' kohya converter drops dora_scale. Use the comfyui or diffusers file.")
+        if base is None:
+            raise ValueError("a DoRA export needs base=<the transformer> (ComfyUI's dora_scale depends on W)")
         out.update(_dora_bfl(sd, scales, base if callable(base) and not isinstance(base, torch.nn.Module)
                              else (lambda m: base_weight(base, m))))
     return out
@@ -242,14 +248,16 @@ def _loha_from(bfl, p):
     "LoHa tensors per diffusers module, alpha baked into w1_a; a fused qkv split along its block diagonal."
     s = float(p["alpha"]) / p["hada_w1_b"].shape[0] if "alpha" in p else 1.0
     names = _from_bfl(bfl)
-    if len(names) == 1: return {names[0]: {**{k: v for k, v in p.items() if k != "alpha"}, "hada_w1_a": p["hada_w1_a"] * s}}
+    if len(names) == 1:
+        return {names[0]: {**{k: v for k, v in p.items() if k != "alpha"}, "hada_w1_a": p["hada_w1_a"] * s}}
     (o3, r3), out = p["hada_w1_a"].shape, {}
     o, r = o3 // 3, r3 // 3
     for i, n in enumerate(names):
         rows, cols = slice(i * o, (i + 1) * o), slice(i * r, (i + 1) * r)
         for a in ("hada_w1_a", "hada_w2_a"):
             off = p[a][rows].clone(); off[:, cols] = 0
-            if r3 % 3 or off.any(): raise NotRepresentable(f"{bfl}: a fused LoHa qkv that is not block-diagonal cannot split")
+            if r3 % 3 or off.any():
+                raise NotRepresentable(f"{bfl}: a fused LoHa qkv that is not block-diagonal cannot split")
         out[n] = {"hada_w1_a": p["hada_w1_a"][rows, cols] * s, "hada_w1_b": p["hada_w1_b"][cols],
                   "hada_w2_a": p["hada_w2_a"][rows, cols], "hada_w2_b": p["hada_w2_b"][cols]}
     return out
@@ -260,7 +268,8 @@ def from_bfl(sd: dict,  # a ComfyUI / kohya / BFL-layout adapter state dict (`to
             ) -> dict[str, torch.Tensor]:
     "The adapter in peft/diffusers module names with every scale baked in (apply it at scale 1)."
     bfl, out = _normalise(sd)
-    out = {f"{m}.{t}": v for m, p in out.items() for t, v in (_lokr_from(p) if any("lokr" in t for t in p) else p).items()}
+    out = {f"{m}.{t}": v for m, p in out.items()
+           for t, v in (_lokr_from(p) if any("lokr" in t for t in p) else p).items()}
     lora = {f"{b}.{t}": v for b, p in bfl.items() if "lora_A.weight" in p
             for t, v in p.items() if t in ("lora_A.weight", "lora_B.weight", "alpha")}
     out.update(from_comfyui(lora) if lora else {})
@@ -312,7 +321,7 @@ COMFY_FLUX1_NAMES = {
 COMFY_FLUX2_NAMES = {"double": {"ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
                                 "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"},
                      "single": {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}, "global": {}}
-COMFY_PROFILES = {"comfyui": True, "comfyui-0.8": False}  # profile -> knows COMFY_FLUX2_NAMES (and bare diffusers names)
+COMFY_PROFILES = {"comfyui": True, "comfyui-0.8": False}  # profile -> knows COMFY_FLUX2_NAMES (and bare names)
 
 # %% ../nbs/06b_export.ipynb #58e38abb
 def comfy_key_map(n_double: int,  # double blocks of the model (FLUX.2-dev 8, klein 4B 5, klein 9B 8)
@@ -321,15 +330,19 @@ def comfy_key_map(n_double: int,  # double blocks of the model (FLUX.2-dev 8, kl
                   guidance: bool = True,  # the model has a guidance embedder (dev; klein has none)
                  ) -> dict[str, str]:
     "ComfyUI's LoRA key map for FLUX.2 at this depth: LoRA module name -> the BFL weight it patches."
-    if profile not in COMFY_PROFILES: raise ValueError(f"ComfyUI profile {profile!r} is not one of {tuple(COMFY_PROFILES)}")
+    if profile not in COMFY_PROFILES:
+        raise ValueError(f"ComfyUI profile {profile!r} is not one of {tuple(COMFY_PROFILES)}")
     km, names = {}, {}
     for b in bfl_linears(n_double, n_single, guidance): km["diffusion_model." + b] = km[kohya_name(b)] = b
     for t in [COMFY_FLUX1_NAMES] + ([COMFY_FLUX2_NAMES] if COMFY_PROFILES[profile] else []):
-        names.update({f"transformer_blocks.{i}.{k}": f"double_blocks.{i}.{v}" for i in range(n_double) for k, v in t["double"].items()})
-        names.update({f"single_transformer_blocks.{i}.{k}": f"single_blocks.{i}.{v}" for i in range(n_single) for k, v in t["single"].items()})
+        for i in range(n_double): names.update({f"transformer_blocks.{i}.{k}": f"double_blocks.{i}.{v}"
+                                                for k, v in t["double"].items()})
+        for i in range(n_single): names.update({f"single_transformer_blocks.{i}.{k}": f"single_blocks.{i}.{v}"
+                                                for k, v in t["single"].items()})
         names.update(t["global"])
     for d, b in names.items():
-        km["transformer." + d] = km["lycoris_" + d.replace(".", "_")] = km["lora_transformer_" + d.replace(".", "_")] = b
+        u = d.replace(".", "_")
+        km["transformer." + d] = km["lycoris_" + u] = km["lora_transformer_" + u] = b
         if COMFY_PROFILES[profile]: km[d] = b  # bare diffusers names ("DiffSynth" format)
     for i in range(n_single): km[f"diffusion_model.single_blocks.{i}.linear1_qkv"] = f"single_blocks.{i}.linear1"
     return km
@@ -337,7 +350,7 @@ def comfy_key_map(n_double: int,  # double blocks of the model (FLUX.2-dev 8, kl
 # %% ../nbs/06b_export.ipynb #997b069f
 COMFY_LORA_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
                     (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
-                    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))  # (up, down): read when up is there
+                    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))  # (up, down): read if up is
 COMFY_LOHA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")  # read when hada_w1_a is
 COMFY_ANY = (".alpha", ".dora_scale", ".reshape_weight", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b",
              ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".diff", ".diff_b", ".set_weight", ".w_norm", ".b_norm")
@@ -361,22 +374,25 @@ def comfy_load(keys, n_double: int, n_single: int, profile: str = "comfyui") -> 
             x = k[:-len(sfx)] if k.endswith(sfx) else None
             if x not in km: continue
             why = _comfy_rule(x, sfx, present)
-            if not why and km[x] not in linears: why = f"maps to {km[x]}, which FLUX.2 does not have: read, never applied"
+            if not why and km[x] not in linears:
+                why = f"maps to {km[x]}, which FLUX.2 does not have: read, never applied"
             break
         out[k] = why
     return out
 
-# %% ../nbs/06b_export.ipynb #aa2594ed
-MUSUBI_READS = {  # network type -> module's tensor names present -> the names it merges
-    "lora": lambda has: {"lora_down.weight", "lora_up.weight", "alpha"} if {"lora_down.weight", "lora_up.weight"} <= has else set(),
+# %% ../nbs/06b_export.ipynb #b6b273bf
+_LORA = {"lora_down.weight", "lora_up.weight"}
+MUSUBI_READS = {  # network type -> (tensor names a module has) -> the names musubi-tuner merges
+    "lora": lambda has: _LORA | {"alpha"} if _LORA <= has else set(),
     "loha": lambda has: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"} if "hada_w1_a" in has else set(),
-    "lokr": lambda has: (set() if "lokr_w1" not in has else {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"} if "lokr_w2_a" in has
-                         else {"lokr_w1", "lokr_w2", "alpha"} if "lokr_w2" in has else set())}
+    "lokr": lambda has: (set() if "lokr_w1" not in has else {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}
+                         if "lokr_w2_a" in has else {"lokr_w1", "lokr_w2", "alpha"} if "lokr_w2" in has else set())}
+_MUSUBI_TYPE = (("lora_down", "lora"), ("hada_w1_a", "loha"), ("lokr_w1", "lokr"))  # first key with one decides
 
 def musubi_load(keys, n_double: int, n_single: int) -> dict[str, str]:
     "Key -> why musubi-tuner's FLUX.2 LoRA merge would not use it ('' when merged)."
     names = {kohya_name(b) for b in bfl_linears(n_double, n_single)}
-    kind = next((t for k in keys for s, t in (("lora_down", "lora"), ("hada_w1_a", "loha"), ("lokr_w1", "lokr")) if s in k), "lora")
+    kind = next((t for k in keys for s, t in _MUSUBI_TYPE if s in k), "lora")
     has = {}
     for k in keys: has.setdefault(k.split(".", 1)[0], set()).add(k.split(".", 1)[-1])
     out = {}
@@ -401,11 +417,13 @@ def _diffusers_linears(n_double, n_single):
     from diffusers import Flux2Transformer2DModel
     from flux2_kit.tiny import tiny_configs
     with init_empty_weights():
-        model = Flux2Transformer2DModel(**{**tiny_configs("dev")["transformer"], "num_layers": n_double, "num_single_layers": n_single})
+        model = Flux2Transformer2DModel(**{**tiny_configs("dev")["transformer"], "num_layers": n_double,
+                                           "num_single_layers": n_single})
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 # %% ../nbs/06b_export.ipynb #d9da9c66
-_AS_DIFFUSERS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "dora_scale": "lora_magnitude_vector"}
+_AS_DIFFUSERS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
+                 "dora_scale": "lora_magnitude_vector"}
 
 def diffusers_load(sd: dict, n_double: int, n_single: int) -> dict[str, str]:
     "Key -> why `Flux2Pipeline.load_lora_weights` would not load it ('' when it loads), by diffusers' own conversion."
@@ -417,10 +435,11 @@ def diffusers_load(sd: dict, n_double: int, n_single: int) -> dict[str, str]:
     finally: dlog.set_verbosity(level)
     if not all("lora" in k or "lokr" in k for k in conv):
         return dict.fromkeys(sd, "load_lora_weights loads LoRA and LoKr only ('Invalid adapter checkpoint')")
-    got, linears, out = adapter_modules({k.removeprefix("transformer."): v for k, v in conv.items()}), _diffusers_linears(n_double, n_single), {}
+    got = adapter_modules({k.removeprefix("transformer."): v for k, v in conv.items()})
+    linears, out = _diffusers_linears(n_double, n_single), {}
     for k in sd:
         m, t = split_key(k)
-        mods, want = _diffusers_modules(m), None if t == "alpha" else _AS_DIFFUSERS.get(t, t)  # alpha goes with its module
+        mods, want = _diffusers_modules(m), None if t == "alpha" else _AS_DIFFUSERS.get(t, t)  # alpha: with its module
         has = lambda x: x in got and (want in got[x] if want else bool(got[x]))
         ok = mods is not None and all(x in linears and has(x) for x in mods)
         if not ok and mods and len(mods) == 3:  # a fused-qkv LoKr: diffusers fuses the model's projections for it
@@ -448,13 +467,16 @@ class LoadRow:
     def loaded(self) -> int: return self.keys - len(self.dropped)
 
 # %% ../nbs/06b_export.ipynb #1045c03b
-_BLOCK = re.compile(r"(?:^|[._])(single_transformer_blocks|single_blocks|transformer_blocks|double_blocks)[._](\d+)[._]")
+_BLOCK = re.compile(r"(?:^|[._])(single_transformer_blocks|single_blocks|transformer_blocks|double_blocks)"
+                    r"[._](\d+)[._]")
 
 def _depth(keys):
     "(double, single) block counts a file's keys reach, in any naming."
     n = {"double": 0, "single": 0}
     for k in keys:
-        if m := _BLOCK.search(k): n["single" if m[1].startswith("single") else "double"] = max(n["single" if m[1].startswith("single") else "double"], int(m[2]) + 1)
+        if m := _BLOCK.search(k):
+            kind = "single" if m[1].startswith("single") else "double"
+            n[kind] = max(n[kind], int(m[2]) + 1)
     return n["double"], n["single"]
 
 def file_format(keys) -> str:
@@ -474,8 +496,10 @@ def _metadata_scale(meta):
 def _notes(target, sd, meta, row):
     notes, ar = [], _metadata_scale(meta)
     if target != "diffusers" and row.loaded and ar and not any(k.endswith(".alpha") for k in sd):
-        notes.append(f"alpha {ar[0]:g} / rank {ar[1]} lives only in this file's metadata, which {TARGET_TITLES[target]} "
-                     f"does not read: it applies scale 1 instead of {ar[0] / ar[1]:g} (strength x{ar[0] / ar[1]:g} restores it)")
+        s = ar[0] / ar[1]
+        notes.append(f"alpha {ar[0]:g} / rank {ar[1]} lives only in this file's metadata, which "
+                     f"{TARGET_TITLES[target]} does not read: it applies scale 1 instead of {s:g} "
+                     f"(strength x{s:g} restores it)")
     if row.kind == "dora" and target.startswith("comfyui") and not row.dropped:
         notes.append("DoRA magnitudes are absolute: exact on the base weights this file was exported from")
     return notes
@@ -497,7 +521,8 @@ def load_rows(path, targets=TARGETS) -> list[LoadRow]:
     sd, meta = _read(path)
     (nd, ns), fmt, kind, rows = _depth(sd), file_format(sd), adapter_kind(sd), []
     for t in targets:
-        row = LoadRow(Path(path).name, fmt, kind, t, len(sd), {k: why for k, why in _load(t, sd, nd, ns).items() if why})
+        dropped = {k: why for k, why in _load(t, sd, nd, ns).items() if why}
+        row = LoadRow(Path(path).name, fmt, kind, t, len(sd), dropped)
         row.notes = _notes(t, sd, meta, row)
         rows.append(row)
     return rows
@@ -515,7 +540,8 @@ class LoadReport(list):
         for r in self:
             lost = f"⚠️ **{len(r.dropped)}**: {_patterns(r.dropped)}" if r.dropped else "0"
             note = "".join(f"<br>⚠️ {n}" for n in r.notes)
-            lines.append(f"| `{r.file}` | {r.format} | {r.kind} | {TARGET_TITLES[r.target]} | {r.loaded} of {r.keys} | {lost}{note} |")
+            lines.append(f"| `{r.file}` | {r.format} | {r.kind} | {TARGET_TITLES[r.target]} | "
+                         f"{r.loaded} of {r.keys} | {lost}{note} |")
         return "\n".join(lines)
     def _repr_markdown_(self): return self.to_markdown()
 
@@ -543,7 +569,8 @@ _HOW = {"diffusers": 'pipe.load_lora_weights(lora_dir, weight_name="{f}", adapte
 def best_files(rows) -> dict[str, str | None]:
     "target -> the file it loads whole with the right strength (native format first), or None."
     ok = {(r.target, r.format): r.file for r in rows if not r.dropped and not any("scale 1" in n for n in r.notes)}
-    return {t: next((ok[t, f] for f in _PREFER[t] if (t, f) in ok), None) for t in dict.fromkeys(r.target for r in rows)}
+    targets = dict.fromkeys(r.target for r in rows)
+    return {t: next((ok[t, f] for f in _PREFER[t] if (t, f) in ok), None) for t in targets}
 
 # %% ../nbs/06b_export.ipynb #b95066a1
 def readme_warnings(rows, skipped=None) -> list[str]:
@@ -553,36 +580,39 @@ def readme_warnings(rows, skipped=None) -> list[str]:
         t = TARGET_TITLES[r.target]
         if r.dropped and r.loaded:
             use = f" Use `{best[r.target]}` there." if best.get(r.target) else ""
-            out.append(f"- ⚠️ **`{r.file}` loads only {r.loaded} of {r.keys} keys in {t}**: it would drop {_patterns(r.dropped)} "
-                       f"({r.dropped[next(iter(r.dropped))]}).{use}")
+            out.append(f"- ⚠️ **`{r.file}` loads only {r.loaded} of {r.keys} keys in {t}**: it would drop "
+                       f"{_patterns(r.dropped)} ({r.dropped[next(iter(r.dropped))]}).{use}")
         out += [f"- ⚠️ **`{r.file}` in {t}**: {n}." for n in r.notes if "scale 1" in n]
     return out + [f"- ⚠️ **no {f} file**: {why}" for f, why in (skipped or {}).items()]
 
-# %% ../nbs/06b_export.ipynb #61194649
+# %% ../nbs/06b_export.ipynb #730182f6
+_SOURCES = ("Computed from each target's own rules: diffusers' `Flux2Pipeline.lora_state_dict` conversion; ComfyUI's "
+            "FLUX.2 key map (`comfy/lora.py`, `comfy/utils.py`; 0.8.0 lacks the FLUX.2 diffusers names added in "
+            "January 2026); musubi-tuner's LoRA merge (`utils/lora_utils.py`).")
+
 def _readme_text(rows, skipped=None, about=""):
     best, unread = best_files(rows), {}
     for r in rows:
         if r.dropped and not r.loaded: unread.setdefault(r.file, []).append(TARGET_TITLES[r.target])
     lines = ["# LoRA exports", "", about, "", "## Which file where", "", "| use in | file | how |", "|---|---|---|"]
-    lines += [f"| {TARGET_TITLES[t]} | " + (f"`{f}` | `{_HOW[t].format(f=f)}` |" if f else "⚠️ none of these files loads whole | |")
-              for t, f in best.items()]
-    lines += [""] + [f"`{f}` is not for {', '.join(ts)}: {'it reads' if len(ts) == 1 else 'they read'} none of its keys."
-                     for f, ts in unread.items()]
-    lines += ["", "## Warnings", "", *(readme_warnings(rows, skipped) or ["None: every file loads whole, at the trained strength, "
-              "where it is recommended."]), "", "## Load report", "", LoadReport(rows).to_markdown(), "",
-              "Computed from each target's own rules: diffusers' `Flux2Pipeline.lora_state_dict` conversion; ComfyUI's FLUX.2 "
-              "key map (`comfy/lora.py`, `comfy/utils.py`; 0.8.0 lacks the FLUX.2 diffusers names added in January 2026); "
-              "musubi-tuner's LoRA merge (`utils/lora_utils.py`).", "", "## Notes", "", *_NOTES]
+    lines += [f"| {TARGET_TITLES[t]} | " + (f"`{f}` | `{_HOW[t].format(f=f)}` |" if f else
+                                             "⚠️ none of these files loads whole | |") for t, f in best.items()]
+    lines += [""] + [f"`{f}` is not for {', '.join(ts)}: {'it reads' if len(ts) == 1 else 'they read'} none of its "
+                     "keys." for f, ts in unread.items()]
+    warn = readme_warnings(rows, skipped) or ["None: every file loads whole, at the trained strength, where it is "
+                                              "recommended."]
+    lines += ["", "## Warnings", "", *warn, "", "## Load report", "", LoadReport(rows).to_markdown(), "", _SOURCES,
+              "", "## Notes", "", *_NOTES]
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/06b_export.ipynb #e9b70805
 _NOTES = [
-    "- **Strength.** diffusers: `set_adapters(..., adapter_weights=[s])` or `attention_kwargs={'scale': s}` in the call; "
-    "ComfyUI: `strength_model`; musubi-tuner: `--lora_multiplier`. 1.0 reproduces training; the trained alpha/rank scale "
-    "is already in every file (diffusers: metadata; ComfyUI: baked in; kohya: `.alpha`).",
-    "- **Base vs distilled.** A LoRA trained on a FLUX.2 klein *base* model loads into the step-distilled klein of the "
-    "same size (same modules and shapes) and is usually run there; the distilled model was not what it learned against, "
-    "so expect to lower the strength (start near 0.7-1.0) and compare.",
+    "- **Strength.** diffusers: `set_adapters(..., adapter_weights=[s])` or `attention_kwargs={'scale': s}` in the "
+    "call; ComfyUI: `strength_model`; musubi-tuner: `--lora_multiplier`. 1.0 reproduces training; the trained "
+    "alpha/rank scale is already in every file (diffusers: metadata; ComfyUI: baked in; kohya: `.alpha`).",
+    "- **Base vs distilled.** A LoRA trained on a FLUX.2 klein *base* model loads into the step-distilled klein of "
+    "the same size (same modules and shapes) and is usually run there; the distilled model was not what it learned "
+    "against, so expect to lower the strength (start near 0.7-1.0) and compare.",
     "- **DoRA** files are tied to the base weights they were trained on (the magnitudes are absolute).",
 ]
 
@@ -600,29 +630,35 @@ def write_lora_readme(lora_dir: str | Path,  # the export folder (README.md goes
 
 # %% ../nbs/06b_export.ipynb #89f26036
 FORMATS = ("diffusers", "comfyui", "kohya")
-_KOHYA_MODULE = {"lora": "networks.lora_flux_2", "dora": "networks.lora_flux_2", "lokr": "networks.lokr", "loha": "networks.loha"}
+_KOHYA_MODULE = {"lora": "networks.lora_flux_2", "lokr": "networks.lokr", "loha": "networks.loha"}  # musubi's
+_CONFIG_KIND = {"LoraConfig": "lora", "LoKrConfig": "lokr", "LoHaConfig": "loha"}
+_KIND_TITLE = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
 
 def _about(model, name):
+    "(kind, rank, alpha, a README line) from the adapter's peft config."
     cfg = model.peft_config[name]
-    kind = "LoKr" if hasattr(cfg, "decompose_both") else "LoHa" if type(cfg).__name__ == "LoHaConfig" else "DoRA" if getattr(cfg, "use_dora", False) else "LoRA"
-    alpha = getattr(cfg, "lora_alpha", getattr(cfg, "alpha", None))
-    return kind, cfg.r, alpha, f"{kind}, rank {cfg.r}, alpha {alpha:g} (scale alpha/rank = {alpha / cfg.r:g}), {len(lora_scales(model, name))} modules."
+    kind = "dora" if getattr(cfg, "use_dora", False) else _CONFIG_KIND[type(cfg).__name__]
+    alpha = float(getattr(cfg, "lora_alpha", getattr(cfg, "alpha", cfg.r)))
+    return kind, cfg.r, alpha, (f"{_KIND_TITLE[kind]}, rank {cfg.r}, alpha {alpha:g} (scale alpha/rank = "
+                                f"{alpha / cfg.r:g}), {len(lora_scales(model, name))} modules.")
 
 def _metadata(fmt, kind, rank, alpha):
     if fmt == "comfyui": return {"format": "pt"}
-    return {"format": "pt", "ss_network_module": _KOHYA_MODULE[kind], "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}"}
+    return {"format": "pt", "ss_network_module": _KOHYA_MODULE[kind], "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}"}
 
 # %% ../nbs/06b_export.ipynb #769439d1
 def export_lora(transformer: torch.nn.Module,  # the transformer with its trained peft adapter (wrapped or not)
                 out_dir: str | Path,  # folder for the files (created), e.g. `output_dir/lora`
                 formats=FORMATS,  # any of "diffusers", "comfyui", "kohya"
                 adapter_name: str | None = None,  # which adapter; None: the only one
-                state_dict: dict | None = None,  # the adapter tensors when gathered elsewhere (FSDP2); None: from the model
+                state_dict: dict | None = None,  # adapter tensors gathered elsewhere (FSDP2); None: from the model
                 readme: bool = True,  # also write README.md with the load report
                ) -> dict[str, Path]:
     "Write the adapter in each format (atomically) and `README.md`; returns `{format: path}` (+ 'readme')."
     formats = [formats] if isinstance(formats, str) else list(formats)
-    if bad := [f for f in formats if f not in FORMATS]: raise ValueError(f"LoRA export formats {bad} unknown: choose from {FORMATS}")
+    if bad := [f for f in formats if f not in FORMATS]:
+        raise ValueError(f"LoRA export formats {bad} unknown: choose from {FORMATS}")
     model = unwrap_model(transformer); name = adapter_name_of(model, adapter_name)
     sd = lora_state_dict(model, name) if state_dict is None else state_dict
     out, scales, skipped, res = Path(out_dir), lora_scales(model, name), {}, {}
@@ -632,6 +668,7 @@ def export_lora(transformer: torch.nn.Module,  # the transformer with its traine
         try: tensors = to_bfl(sd, scales, fmt, base=model)
         except NotRepresentable as e:
             skipped[fmt] = str(e); warnings.warn(f"LoRA export: no {fmt} file: {e}"); continue
-        res[fmt] = _atomic_save_file(tensors, out / FILE_NAMES[fmt], metadata=_metadata(fmt, kind.lower(), rank, alpha))
-    if readme: res["readme"] = write_lora_readme(out, load_report([res[f] for f in FORMATS if f in res]), skipped, about)
+        res[fmt] = _atomic_save_file(tensors, out / FILE_NAMES[fmt], metadata=_metadata(fmt, kind, rank, alpha))
+    if readme:
+        res["readme"] = write_lora_readme(out, load_report([res[f] for f in FORMATS if f in res]), skipped, about)
     return res

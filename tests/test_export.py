@@ -77,7 +77,8 @@ def _comfy_merge(base, sd, profile="comfyui"):
             rows = slice(_QKV_ROW[x.rsplit(".", 1)[-1]] * h, (_QKV_ROW[x.rsplit(".", 1)[-1]] + 1) * h)
         alpha, w = p.get("alpha"), W[target][rows]
         if "lora_B.weight" in p or "lora_up.weight" in p:
-            up, down = p.get("lora_B.weight", p.get("lora_up.weight")), p.get("lora_A.weight", p.get("lora_down.weight"))
+            up = p.get("lora_B.weight", p.get("lora_up.weight"))
+            down = p.get("lora_A.weight", p.get("lora_down.weight"))
             a, diff = (float(alpha) / down.shape[0] if alpha is not None else 1.0), up.float() @ down.float()
         elif "lokr_w1" in p or "lokr_w1_a" in p:
             dim = p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else None
@@ -109,7 +110,8 @@ def _musubi_merge(base, sd):
             w2 = g("lokr_w2_a") @ g("lokr_w2_b") if low else g("lokr_w2")
             W[b] += torch.kron(g("lokr_w1"), w2) * (float(g("alpha")) / g("lokr_w2_a").shape[1] if low else 1.0)
         elif g("hada_w1_a") is not None:
-            W[b] += (g("hada_w1_a") @ g("hada_w1_b")) * (g("hada_w2_a") @ g("hada_w2_b")) * (float(g("alpha")) / g("hada_w1_b").shape[0])
+            scale = float(g("alpha")) / g("hada_w1_b").shape[0]
+            W[b] += (g("hada_w1_a") @ g("hada_w1_b")) * (g("hada_w2_a") @ g("hada_w2_b")) * scale
     return W
 
 
@@ -157,10 +159,11 @@ def test_kohya_names_and_alpha(lora):
                                                     "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")} | {
         "lora_unet_single_blocks_1_linear1", "lora_unet_single_blocks_1_linear2"}
     assert sd["lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight"].shape == (12, 64)
-    assert sd["lora_unet_double_blocks_0_txt_attn_qkv.alpha"].shape == () and float(sd["lora_unet_double_blocks_0_txt_attn_qkv.alpha"]) == 96.0
+    alpha = sd["lora_unet_double_blocks_0_txt_attn_qkv.alpha"]
+    assert alpha.shape == () and float(alpha) == 96.0  # 3 x 32 over the fused rank 12: scale 8
     assert float(sd["lora_unet_double_blocks_0_img_mlp_2.alpha"]) == 32.0
-    assert torch.equal(sd["lora_unet_double_blocks_0_img_mlp_2.lora_up.weight"],
-                       lora_state_dict(t)["transformer_blocks.0.ff.linear_out.lora_B.weight"])  # trained tensors, not rescaled
+    assert torch.equal(sd["lora_unet_double_blocks_0_img_mlp_2.lora_up.weight"],  # the trained tensor, not rescaled
+                       lora_state_dict(t)["transformer_blocks.0.ff.linear_out.lora_B.weight"])
 
 
 @pytest.mark.parametrize("fmt", ["comfyui", "kohya"])
@@ -173,7 +176,8 @@ def test_comfyui_and_musubi_merges_give_peft_weights(tiny_dev, lora):
     t, files, want = lora
     base, merged = _bfl_weights(Flux2Transformer2DModel.from_pretrained(tiny_dev / "transformer")), _merged_bfl(t)
     for f in ("comfyui", "kohya"):
-        for profile in ("comfyui", "comfyui-0.8"): _assert_weights(_comfy_merge(base, load_file(files[f]), profile), merged)
+        for profile in ("comfyui", "comfyui-0.8"):
+            _assert_weights(_comfy_merge(base, load_file(files[f]), profile), merged)
     _assert_weights(_musubi_merge(base, load_file(files["kohya"])), merged)
     assert max((merged[k] - base[k]).abs().max() for k in base) > 1e-2
 
@@ -183,18 +187,21 @@ def test_load_report_default_preset(tiny_dev, lora):
     t, files, want = lora
     rows = {(r.format, r.target): r for r in load_report(files["diffusers"].parent)}
     assert {k: (r.loaded, r.keys) for k, r in rows.items()} == {
-        ("diffusers", "diffusers"): (56, 56), ("diffusers", "comfyui"): (56, 56), ("diffusers", "comfyui-0.8"): (32, 56),
-        ("diffusers", "musubi"): (0, 56), ("comfyui", "diffusers"): (40, 40), ("comfyui", "comfyui"): (40, 40),
+        ("diffusers", "diffusers"): (56, 56), ("diffusers", "comfyui"): (56, 56),
+        ("diffusers", "comfyui-0.8"): (32, 56), ("diffusers", "musubi"): (0, 56), ("comfyui", "diffusers"): (40, 40), ("comfyui", "comfyui"): (40, 40),
         ("comfyui", "comfyui-0.8"): (40, 40), ("comfyui", "musubi"): (0, 40), ("kohya", "diffusers"): (60, 60),
         ("kohya", "comfyui"): (60, 60), ("kohya", "comfyui-0.8"): (60, 60), ("kohya", "musubi"): (60, 60)}
     lost = rows["diffusers", "comfyui-0.8"].dropped
-    assert sum(".ff." in k or ".ff_context." in k for k in lost) == 16 and sum("single_transformer_blocks" in k for k in lost) == 8
-    assert [len(rows["diffusers", t].notes) for t in ("diffusers", "comfyui", "comfyui-0.8")] == [0, 1, 1]  # alpha in metadata
+    assert sum(".ff." in k or ".ff_context." in k for k in lost) == 16  # 4 modules x A, B x 2 double blocks
+    assert sum("single_transformer_blocks" in k for k in lost) == 8  # 2 modules x A, B x 2 single blocks
+    notes = [len(rows["diffusers", t].notes) for t in ("diffusers", "comfyui", "comfyui-0.8")]
+    assert notes == [0, 1, 1]  # ComfyUI ignores the alpha in the metadata
     for fmt in ("diffusers", "comfyui", "kohya"):
         pipe = _diffusers_loaded(tiny_dev, files[fmt])
         assert sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules()) == 28
     text = files["readme"].read_text()
-    assert "loads only 32 of 56 keys in ComfyUI 0.8.0 and older" in text and "| ComfyUI 0.8.0 and older | `comfyui_lora.safetensors` |" in text
+    assert "loads only 32 of 56 keys in ComfyUI 0.8.0 and older" in text
+    assert "| ComfyUI 0.8.0 and older | `comfyui_lora.safetensors` |" in text
 
 
 def test_dora(tiny_dev, tmp_path):
@@ -203,17 +210,20 @@ def test_dora(tiny_dev, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         files = export_lora(t, tmp_path)
-    assert set(files) == {"diffusers", "comfyui", "readme"} and any("DoRA has no kohya" in str(w.message) for w in caught)
+    assert set(files) == {"diffusers", "comfyui", "readme"}
+    assert any("DoRA has no kohya" in str(w.message) for w in caught)
     want = _forward(t)
-    torch.testing.assert_close(_forward(_diffusers_loaded(tiny_dev, files["diffusers"]).transformer), want, rtol=0, atol=1e-5)
+    got = _forward(_diffusers_loaded(tiny_dev, files["diffusers"]).transformer)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     sd = load_file(files["comfyui"])
     assert sd["diffusion_model.double_blocks.0.img_attn.qkv.dora_scale"].shape == (192, 1)
     base = Flux2Transformer2DModel.from_pretrained(tiny_dev / "transformer")
     _assert_weights(_comfy_merge(_bfl_weights(base), sd), _merged_bfl(t))
     _assert_round_trip(from_bfl(sd, base=base), t)
     rows = {(r.format, r.target): r for r in load_report(tmp_path)}
-    assert rows["comfyui", "diffusers"].dropped and all(k.endswith(".dora_scale") for k in rows["comfyui", "diffusers"].dropped)
-    assert len(rows["comfyui", "diffusers"].dropped) == 20 and not rows["comfyui", "comfyui"].dropped
+    dropped = rows["comfyui", "diffusers"].dropped  # diffusers filters dora_scale out: one per BFL module
+    assert len(dropped) == 20 and all(k.endswith(".dora_scale") for k in dropped)
+    assert not rows["comfyui", "comfyui"].dropped
     assert len(rows["diffusers", "comfyui"].dropped) == 28  # ComfyUI has no lora_magnitude_vector
     plain = _diffusers_loaded(tiny_dev, files["comfyui"])  # diffusers really drops dora_scale: not the trained DoRA
     assert (_forward(plain.transformer) - want).abs().max() > 1e-3
@@ -226,9 +236,11 @@ def test_lokr(tiny_dev, tmp_path):
         warnings.simplefilter("ignore")
         files = export_lora(t, tmp_path / "all")
     assert set(files) == {"diffusers", "comfyui", "readme"} and "no kohya file" in files["readme"].read_text()
-    torch.testing.assert_close(_forward(_diffusers_loaded(tiny_dev, files["diffusers"]).transformer), _forward(t), rtol=0, atol=1e-5)
+    got = _forward(_diffusers_loaded(tiny_dev, files["diffusers"]).transformer)
+    torch.testing.assert_close(got, _forward(t), rtol=0, atol=1e-5)
     sd = load_file(files["comfyui"])
-    assert "transformer.transformer_blocks.0.attn.to_q.lokr_w1" in sd and "diffusion_model.single_blocks.1.linear1.lokr_w2_a" in sd
+    assert "transformer.transformer_blocks.0.attn.to_q.lokr_w1" in sd  # Q/K/V: ComfyUI's row-slice names
+    assert "diffusion_model.single_blocks.1.linear1.lokr_w2_a" in sd
     assert "transformer.transformer_blocks.0.attn.to_q.alpha" not in sd  # both factors full: scale baked into w1
     assert float(sd["diffusion_model.single_blocks.1.linear1.alpha"]) == 8.0
     base = _bfl_weights(Flux2Transformer2DModel.from_pretrained(tiny_dev / "transformer"))
