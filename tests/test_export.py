@@ -188,9 +188,11 @@ def test_load_report_default_preset(tiny_dev, lora):
     rows = {(r.format, r.target): r for r in load_report(files["diffusers"].parent)}
     assert {k: (r.loaded, r.keys) for k, r in rows.items()} == {
         ("diffusers", "diffusers"): (56, 56), ("diffusers", "comfyui"): (56, 56),
-        ("diffusers", "comfyui-0.8"): (32, 56), ("diffusers", "musubi"): (0, 56), ("comfyui", "diffusers"): (40, 40), ("comfyui", "comfyui"): (40, 40),
-        ("comfyui", "comfyui-0.8"): (40, 40), ("comfyui", "musubi"): (0, 40), ("kohya", "diffusers"): (60, 60),
-        ("kohya", "comfyui"): (60, 60), ("kohya", "comfyui-0.8"): (60, 60), ("kohya", "musubi"): (60, 60)}
+        ("diffusers", "comfyui-0.8"): (32, 56), ("diffusers", "musubi"): (0, 56),
+        ("comfyui", "diffusers"): (40, 40), ("comfyui", "comfyui"): (40, 40),
+        ("comfyui", "comfyui-0.8"): (40, 40), ("comfyui", "musubi"): (0, 40),
+        ("kohya", "diffusers"): (60, 60), ("kohya", "comfyui"): (60, 60),
+        ("kohya", "comfyui-0.8"): (60, 60), ("kohya", "musubi"): (60, 60)}
     lost = rows["diffusers", "comfyui-0.8"].dropped
     assert sum(".ff." in k or ".ff_context." in k for k in lost) == 16  # 4 modules x A, B x 2 double blocks
     assert sum("single_transformer_blocks" in k for k in lost) == 8  # 2 modules x A, B x 2 single blocks
