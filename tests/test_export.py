@@ -35,15 +35,16 @@ def _forward(t):
     "The transformer's output on a fixed small input (what a pipeline step computes)."
     g = torch.Generator().manual_seed(0)
     x, txt = torch.randn(1, 16, 128, generator=g), torch.randn(1, 8, 48, generator=g)
+    guidance = torch.tensor([3.5]) if t.config.guidance_embeds else None  # klein has no guidance embedder
     with torch.no_grad():
-        return t(hidden_states=x, encoder_hidden_states=txt, timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+        return t(hidden_states=x, encoder_hidden_states=txt, timestep=torch.tensor([0.5]), guidance=guidance,
                  img_ids=Flux2Pipeline._prepare_latent_ids(torch.zeros(1, 128, 4, 4))[0],
                  txt_ids=Flux2Pipeline._prepare_text_ids(txt)[0], return_dict=False)[0]
 
 
-def _diffusers_loaded(path, file):
+def _diffusers_loaded(path, file, pipeline=Flux2Pipeline):
     "A fresh flux2-tiny pipeline after diffusers' own `load_lora_weights(file)`."
-    pipe = Flux2Pipeline.from_pretrained(path)
+    pipe = pipeline.from_pretrained(path)
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     return pipe
 
@@ -204,6 +205,18 @@ def test_load_report_default_preset(tiny_dev, lora):
     text = files["readme"].read_text()
     assert "loads only 32 of 56 keys in ComfyUI 0.8.0 and older" in text
     assert "| ComfyUI 0.8.0 and older | `comfyui_lora.safetensors` |" in text
+
+
+def test_klein_files(tiny_klein, tmp_path):
+    "klein (no guidance embedder): Flux2KleinPipeline reproduces the diffusers and kohya files; same counts."
+    from diffusers import Flux2KleinPipeline
+    t = _adapted(tiny_klein)
+    files, want = export_lora(t, tmp_path), _forward(t)
+    for fmt in ("diffusers", "kohya"):
+        got = _forward(_diffusers_loaded(tiny_klein, files[fmt], Flux2KleinPipeline).transformer)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    counts = {(r.format, r.target): r.loaded for r in load_report(tmp_path)}
+    assert (counts["diffusers", "comfyui-0.8"], counts["kohya", "musubi"], counts["comfyui", "comfyui"]) == (32, 60, 40)
 
 
 def test_dora(tiny_dev, tmp_path):
