@@ -136,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_preview)
     sp = common("export", "export a checkpoint's LoRA")
     sp.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
-    sp.add_argument("--format", nargs="+", choices=["diffusers", "comfyui"], default=["diffusers", "comfyui"])
+    sp.add_argument("--format", nargs="+", choices=["diffusers", "comfyui", "kohya"], default=None,
+                    help="file formats (default: the config's lora_export_formats)")
     sp.add_argument("--out", default=None, help="output folder (default: output_dir/lora)")
     sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("tiny", help="build flux2-tiny into a folder")

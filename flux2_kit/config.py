@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 # %% auto #0
-__all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'PRECISIONS', 'LORA_TARGET_PRESETS', 'LR_SCHEDULERS', 'TRACKERS',
-           'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED', 'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError',
-           'parse_resolutions', 'parse_lora_target', 'check_tread_config', 'parse_report_to', 'Config', 'config_keys',
-           'is_path_name', 'slug', 'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library',
-           'load_config', 'dataset_defaults', 'check_dataset_paths']
+__all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'PRECISIONS', 'LORA_TARGET_PRESETS', 'LORA_EXPORT_FORMATS',
+           'LR_SCHEDULERS', 'TRACKERS', 'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED',
+           'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError', 'parse_resolutions', 'parse_lora_target',
+           'check_tread_config', 'parse_report_to', 'Config', 'config_keys', 'is_path_name', 'slug', 'DatasetSpec',
+           'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config', 'dataset_defaults',
+           'check_dataset_paths']
 
 # %% ../nbs/02_config.ipynb #f2cbf8c7
 class ConfigError(ValueError):
@@ -112,6 +113,7 @@ DEFAULT_MODEL_PATHS = {  # what pretrained_model_name_or_path=None means, per fl
 TINY_PREFIX = "flux2-tiny:"  # pretrained_model_name_or_path "flux2-tiny:dev" / "flux2-tiny:klein": flux2_kit.tiny.flux2_tiny
 PRECISIONS = ("no_change", "bf16", "fp16", "fp32", "int8-quanto", "int4-quanto", "fp8-quanto")
 LORA_TARGET_PRESETS = ("all", "attention", "mlp", "tiny")  # the quickstart's flux_lora_target presets
+LORA_EXPORT_FORMATS = ("diffusers", "comfyui", "kohya")  # what `lora/` can hold (flux2_kit.export writes them)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TRACKERS = ("tensorboard", "wandb")  # report_to values besides "none" and "all"
 SKIP_DISCOVERY_STAGES = ("vae", "aspect", "text", "metadata")
@@ -237,7 +239,7 @@ _KEY_ALIASES = {  # SimpleTuner spelling -> Config field
 }
 SIMPLETUNER_UNSUPPORTED = frozenset("""
 use_ema ema_decay ema_device ema_cpu_only ema_update_interval ema_validation snr_gamma use_soft_min_snr noise_offset
-noise_offset_probability input_perturbation input_perturbation_steps lycoris_config init_lora init_lokr_norm use_dora
+noise_offset_probability input_perturbation input_perturbation_steps lycoris_config init_lora init_lokr_norm
 peft_lora_mode optimizer_config lr_end lr_scale lr_scale_sqrt attention_mechanism fuse_qkv_projections push_to_hub
 push_checkpoints_to_hub push_to_hub_background hub_model_id model_card_note model_card_private model_card_safe_for_work
 disable_benchmark num_validation_images validation_torch_compile validation_noise_scheduler
@@ -246,7 +248,7 @@ validation_epoch_interval checkpoint_epoch_interval aspect_bucket_rounding data_
 compress_disk_cache override_dataset_config webhook_config train_text_encoder text_encoder_lr text_encoder_2_precision
 text_encoder_3_precision text_encoder_4_precision controlnet control loss_type huber_c huber_schedule
 timestep_bias_strategy masked_loss_probability gradient_checkpointing_interval ramtorch offload_during_save
-group_offload_to_disk_path enable_model_cpu_offload lora_format flux_attention_masked_training flow_use_beta_schedule
+group_offload_to_disk_path enable_model_cpu_offload flux_attention_masked_training flow_use_beta_schedule
 flux_fast_schedule allow_dataset_oversubscription logging_dir dynamo_backend vae_dtype variant
 i_know_what_i_am_doing ignore_final_epochs num_processes scheduled_sampling_sampler scheduled_sampling_order
 prediction_type pretrained_vae_model_name_or_path pretrained_transformer_model_name_or_path text_encoder_batch_size
@@ -399,6 +401,8 @@ class Config:
     lora_alpha: float | None = None  # scaling alpha (update scaled by alpha/r); None: equal to lora_rank
     lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_init_type: str = "default"  # peft init_lora_weights: "default" (B=0) | "gaussian" | "olora" | "pissa" (lora_type "lora" only)
+    use_dora: bool = False  # DoRA (peft): a trained magnitude per output feature on top of the LoRA direction (lora_type "lora" only)
+    lora_export_formats: list[str] = field(default_factory=lambda: ["diffusers", "comfyui", "kohya"])  # files written to lora/: "diffusers" | "comfyui" (BFL keys) | "kohya" (lora_unet_*, musubi); SimpleTuner's lora_format sets one
     flux_lora_target: str | list[str] = "all"  # preset "all"|"attention"|"mlp"|"tiny", or module names / a regex (see parse_lora_target)
     # --- flow matching ---------------------------------------------------------------------------------------------
     flux_guidance_mode: str = "constant"  # dev only (klein has no guidance embedding): "constant" | "random-range"
@@ -500,6 +504,13 @@ def _check_config(c: Config):
     if 0 < c.max_train_steps < c.lr_warmup_steps:
         raise ConfigError(f"'lr_warmup_steps' = {c.lr_warmup_steps} exceeds 'max_train_steps' = {c.max_train_steps}",
                           "lr_warmup_steps", c.lr_warmup_steps)
+    if c.use_dora and c.lora_type != "lora":
+        raise ConfigError(f"'use_dora' applies to lora_type 'lora' only, not {c.lora_type!r}", "use_dora", True)
+    bad = [f for f in c.lora_export_formats if f not in LORA_EXPORT_FORMATS]
+    if bad or not c.lora_export_formats:
+        raise ConfigError(f"'lora_export_formats' = {c.lora_export_formats!r}: choose one or more of "
+                          f"{', '.join(map(repr, LORA_EXPORT_FORMATS))}{_did_you_mean(bad[0], LORA_EXPORT_FORMATS) if bad else ''}",
+                          "lora_export_formats", c.lora_export_formats)
     if c.lora_type != "lora" and c.lora_init_type != "default":
         raise ConfigError(f"'lora_init_type' = {c.lora_init_type!r} applies to lora_type 'lora' only, not {c.lora_type!r}",
                           "lora_init_type", c.lora_init_type)
@@ -524,6 +535,7 @@ def _config_kwargs(raw: dict) -> dict:
     keys, out, origin = config_keys(), {}, {}
     for k, v in raw.items():
         name = _clean_key(k)
+        if name == "lora_format": name, v = "lora_export_formats", [v] if isinstance(v, str) else v  # SimpleTuner: one format
         if name == "flow_use_uniform_schedule":  # SimpleTuner's boolean for uniform timestep sampling
             try: on = _coerce(v, bool)
             except _Bad as e: raise ConfigError(f"{k!r} = {v!r} must be {e}", k, v) from None

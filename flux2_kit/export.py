@@ -15,11 +15,11 @@ from .lora import (_BFL_DOUBLE, _BFL_OTHER, _BFL_QKV, _BFL_SINGLE, _atomic_save_
 # %% auto #0
 __all__ = ['ADAPTER_TENSORS', 'KOHYA_PREFIX', 'BFL_DOUBLE_LINEARS', 'BFL_SINGLE_LINEARS', 'BFL_GLOBAL_LINEARS',
            'COMFY_FLUX1_NAMES', 'COMFY_FLUX2_NAMES', 'COMFY_PROFILES', 'COMFY_LORA_PAIRS', 'COMFY_LOHA', 'COMFY_ANY',
-           'MUSUBI_READS', 'TARGETS', 'TARGET_TITLES', 'FILE_NAMES', 'FORMATS', 'split_key', 'adapter_modules',
-           'adapter_kind', 'adapter_delta', 'comfyui_dora_scale', 'peft_magnitude', 'kohya_name', 'bfl_of_kohya',
-           'NotRepresentable', 'to_bfl', 'base_weight', 'from_bfl', 'bfl_linears', 'comfy_key_map', 'comfy_load',
-           'musubi_load', 'diffusers_load', 'LoadRow', 'file_format', 'load_rows', 'LoadReport', 'load_report',
-           'best_files', 'readme_warnings', 'write_lora_readme', 'export_lora']
+           'MUSUBI_READS', 'TARGETS', 'TARGET_TITLES', 'FILE_NAMES', 'split_key', 'adapter_modules', 'adapter_kind',
+           'adapter_delta', 'comfyui_dora_scale', 'peft_magnitude', 'kohya_name', 'bfl_of_kohya', 'NotRepresentable',
+           'to_bfl', 'base_weight', 'from_bfl', 'bfl_linears', 'comfy_key_map', 'comfy_load', 'musubi_load',
+           'diffusers_load', 'LoadRow', 'file_format', 'load_rows', 'LoadReport', 'load_report', 'best_files',
+           'readme_warnings', 'write_lora_readme', 'export_lora']
 
 # %% ../nbs/06b_export.ipynb #178c4877
 ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight", "alpha",
@@ -629,7 +629,7 @@ def write_lora_readme(lora_dir: str | Path,  # the export folder (README.md goes
     return path
 
 # %% ../nbs/06b_export.ipynb #89f26036
-FORMATS = ("diffusers", "comfyui", "kohya")
+from .config import LORA_EXPORT_FORMATS as FORMATS  # one owner: the config key checks the same names
 _KOHYA_MODULE = {"lora": "networks.lora_flux_2", "lokr": "networks.lokr", "loha": "networks.loha"}  # musubi's
 _CONFIG_KIND = {"LoraConfig": "lora", "LoKrConfig": "lokr", "LoHaConfig": "loha"}
 _KIND_TITLE = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}

@@ -398,7 +398,7 @@ def build_lora(self: Trainer):
     kind, target = c.lora_target
     self.lora_info = build_lora(tr, target if kind == "preset" else target, rank=c.lora_rank,
                                 alpha=c.effective_lora_alpha, dropout=c.lora_dropout, lora_type=c.lora_type,
-                                init=True if c.lora_init_type == "default" else c.lora_init_type)
+                                init=True if c.lora_init_type == "default" else c.lora_init_type, use_dora=c.use_dora)
     self.generator = make_generator(c.seed)  # the same stream on every rank: each takes its slice (`_global_draws`)
     if c.tread_config:
         from flux2_kit.tread import enable_tread
@@ -745,23 +745,21 @@ def resume(self: Trainer,
 
 # %% ../nbs/11_trainer.ipynb #1a396f18
 @patch
-def export(self: Trainer, formats=("diffusers", "comfyui"), out_dir=None) -> dict:
-    "Write the LoRA to `output_dir/lora/`: diffusers (`pytorch_lora_weights.safetensors`) and ComfyUI/BFL layout."
-    from flux2_kit.lora import save_comfyui, save_lora
-    formats = [formats] if isinstance(formats, str) else list(formats)
-    bad = [f for f in formats if f not in ("diffusers", "comfyui")]
-    if bad: raise ValueError(f"export formats {bad} unknown: use 'diffusers' and/or 'comfyui'")
+def export(self: Trainer,
+           formats=None,  # "diffusers", "comfyui", "kohya" (any of them); None: the config's lora_export_formats
+           out_dir=None,  # default: output_dir/lora
+          ) -> dict:
+    "Write the LoRA in each format to `output_dir/lora/` with a README.md load report (which file loads where); returns `{format: path}`."
+    from flux2_kit.export import export_lora
+    formats = self.cfg.lora_export_formats if formats is None else formats
     self.accelerator.wait_for_everyone()
+    full = None
     if self.strategy == "fsdp2":  # a collective: every rank gathers the LoRA shards, rank 0 writes
-        from flux2_kit.launch import full_lora_state_dict, save_full_lora
+        from flux2_kit.launch import full_lora_state_dict
         full = full_lora_state_dict(self.transformer)
     if not self.is_main: return {}
     out = Path(out_dir) if out_dir is not None else self.rundir.lora_dir
-    if self.strategy == "fsdp2": res = save_full_lora(self.transformer, full, out, formats)
-    else:
-        res = {}
-        if "diffusers" in formats: res["diffusers"] = save_lora(self.transformer, out)
-        if "comfyui" in formats: res["comfyui"] = save_comfyui(self.transformer, out / "comfyui_lora.safetensors")
+    res = export_lora(self.transformer, out, formats=formats, state_dict=full)
     self.rundir.log_event("message", text=f"exported LoRA: {', '.join(str(p) for p in res.values())}",
                           exports={k: str(v) for k, v in res.items()})
     return res
