@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from .runlog import atomic_write_bytes, clean_orphan_tmp, sha256_file
 
 # %% auto #0
 __all__ = ['INDEX_NAME', 'FORMAT_VERSION', 'PIXELS_VERSION', 'CacheStats', 'ShardStore', 'text_embed_key', 'TextEmbedCache',
@@ -51,22 +52,6 @@ class CacheStats:
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 
-def _atomic_write(path: Path, data: bytes):
-    "Write `data` to `path` through a temporary file in the same folder and `os.replace`."
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
-
 def _key(**parts) -> str:
     "sha256 of the parts as canonical JSON: a cache key."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -82,6 +67,7 @@ class ShardStore:
         if verify not in ("sha256", "header"): raise ValueError(f"verify={verify!r} is not 'sha256' or 'header'")
         self.root, self.kind, self.verify, self.index_name = Path(root), kind, verify, index_name
         self.root.mkdir(parents=True, exist_ok=True)
+        clean_orphan_tmp(self.root)  # half-written shards of a killed run (never a live writer's)
         self.index = self._read_index()
         self._checked, self._handles = {}, {}
 
@@ -105,7 +91,7 @@ class ShardStore:
         return idx
 
     def _write_index(self):
-        _atomic_write(self.root / self.index_name, json.dumps(self.index, indent=0, sort_keys=True).encode())
+        atomic_write_bytes(self.root / self.index_name, json.dumps(self.index, indent=0, sort_keys=True).encode())
 
     def shard_ok(self, shard: str) -> bool:
         "Is `shard` present, of the recorded size and sha256 (or just size with verify='header'), and loadable?"
@@ -113,7 +99,7 @@ class ShardStore:
             from safetensors import safe_open
             meta, p = self.index["shards"].get(shard), self.root / shard
             ok = bool(meta) and p.is_file() and p.stat().st_size == meta["bytes"]
-            if ok and self.verify == "sha256": ok = _sha256_file(p) == meta["sha256"]
+            if ok and self.verify == "sha256": ok = sha256_file(p) == meta["sha256"]
             if ok:
                 try:
                     with safe_open(str(p), "pt") as f: ok = set(meta.get("keys", [])) <= set(f.keys())
@@ -158,7 +144,7 @@ class ShardStore:
                     metadata={k: str(v) for k, v in (metadata or {}).items()})
         sha = hashlib.sha256(data).hexdigest()
         name = f"{self.kind}-{sha[:24]}.safetensors"  # content-addressed
-        _atomic_write(self.root / name, data)
+        atomic_write_bytes(self.root / name, data)
         self.index["shards"][name] = dict(sha256=sha, bytes=len(data), keys=sorted(tensors))
         for k in tensors: self.index["entries"][k] = name
         self._checked[name] = True
@@ -378,7 +364,7 @@ def vae_identity(vae) -> str:
 
 def image_sha256(path: str | Path) -> str:
     "sha256 of an image file's bytes."
-    return _sha256_file(Path(path))
+    return sha256_file(Path(path))
 
 def request_sha256(req: LatentRequest) -> str:
     "sha256 of a request's encoded image: its file's bytes, or its in-memory bytes (the same image, the same key)."

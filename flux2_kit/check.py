@@ -13,7 +13,7 @@ from .config import Config, ConfigError, is_path_name, slug
 # %% auto #0
 __all__ = ['LEVELS', 'MAX_EDGE', 'FIXES', 'Problem', 'CheckError', 'CheckReport', 'check_precision', 'check_model_path',
            'check_names', 'check_resolutions', 'check_settings', 'check_paths', 'check_config', 'dataset_row',
-           'check_data', 'Claim', 'claim_rundir']
+           'check_data', 'Claim', 'claim_rundir', 'run_checks', 'preflight']
 
 # %% ../nbs/11a_check.ipynb #85c0d999
 LEVELS = ("error", "warning", "note")  # an error stops the run; warnings and notes are shown
@@ -266,7 +266,11 @@ def check_data(cfg: Config,  # the run's config (its image and conditioning data
         if t.items:
             try: batches = len(BucketBatchSampler(t, cfg.train_batch_size * num_processes, seed=cfg.seed)) // num_processes
             except DataError as e:
-                rep.add(Problem("error", f"{e}", "train_batch_size", cfg.train_batch_size, cfg.source)); batches = 0
+                glob = (f" (the global batch is train_batch_size {cfg.train_batch_size} x {num_processes} processes)"
+                        if num_processes > 1 else "")
+                msg = str(e).replace(f"batch of {cfg.train_batch_size * num_processes} ", f"batch of "
+                                     f"{cfg.train_batch_size * num_processes}{glob} ", 1)
+                rep.add(Problem("error", msg, "train_batch_size", cfg.train_batch_size, cfg.source)); batches = 0
         row = dataset_row(t, batches)
         rep.datasets.append(row)
         if not t.items: rep.add(_nothing_trains(cfg, row))
@@ -372,3 +376,23 @@ def claim_rundir(rd: RunDir,  # the run directory (rank 0's)
         return _named(rd, str(resume), scan, used, overwrite, source)
     except BaseException:
         rd.unlock(); raise
+
+# %% ../nbs/11a_check.ipynb #ead9f802
+def run_checks(cfg: Config,  # the run's config
+               device: str = "cpu",  # where it trains
+               num_processes: int = 1,  # processes sharing a global batch
+              ) -> tuple[dict, CheckReport]:
+    "Every check that loads no model and writes nothing; returns `({id: BucketTable}, report)` or raises `CheckError` listing every error."
+    rep = check_config(cfg, device)
+    tables, data = check_data(cfg, num_processes)
+    rep.datasets = data.datasets
+    rep.add(*data.problems).raise_errors()
+    return tables, rep
+
+def preflight(cfg: Config, device: str = "cpu", num_processes: int = 1) -> CheckReport:
+    "`run_checks`, then `output_dir`'s decision (refusals included); the lock is released again for the processes that will run."
+    _, rep = run_checks(cfg, device, num_processes)
+    rd = RunDir(cfg.output_dir)
+    claim = claim_rundir(rd, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, cfg.source)
+    rd.unlock()
+    return rep.add(*claim.problems)

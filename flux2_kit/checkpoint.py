@@ -8,7 +8,7 @@ import base64, hashlib, json, math, os, random, re, shutil, sys, tempfile, time,
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
-from .runlog import fsync_dir, to_jsonable
+from .runlog import fsync_dir, sha256_file, to_jsonable
 
 # %% auto #0
 __all__ = ['FORMAT', 'MARKER', 'RESUME_KEYS', 'CheckpointError', 'checkpoint_name', 'checkpoint_step', 'check_finite',
@@ -112,12 +112,6 @@ def check_finite(named_states: Mapping,  # {"tensors": lora_sd, "optimizer_state
                                       "(lower the learning rate, check max_grad_norm, or resume from an earlier checkpoint)")
 
 # %% ../nbs/10b_checkpoint.ipynb #c88c0c76
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
-
 def _fsync_file(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
@@ -177,7 +171,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike,  # the checkpoints folder (out
         _write_safetensors(tmp / "state.safetensors", _cpu_tensors(state_tensors, "state"))
         _write_json(tmp / "state.json", structure)
         _write_json(tmp / "meta.json", meta_json)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         _write_json(tmp / MARKER, {"format": FORMAT, "step": step, "time": time.time(), "files": files})
         fsync_dir(tmp)
         if final.exists():  # overwrite: move the old one aside (a .tmp- name, so nothing treats it as live)
@@ -219,7 +213,7 @@ def verify_checkpoint(path: str | os.PathLike,  # a checkpoint folder
         except FileNotFoundError: raise CheckpointError(f"{f} is missing (listed in {MARKER}); {fix}") from None
         if size != info["size"]:
             raise CheckpointError(f"{f} has {size} bytes, {MARKER} says {info['size']} (truncated or overwritten); {fix}")
-        if verify == "sha256" and _sha256(f) != info["sha256"]:
+        if verify == "sha256" and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f} does not match its sha256 in {MARKER} (corrupted); {fix}")
     return man
 

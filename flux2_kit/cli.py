@@ -56,14 +56,10 @@ def cmd_train(args, extra) -> int:
 
 def cmd_check(args, extra) -> int:
     "Check the config, paths and data without loading a model or touching output_dir."
-    from flux2_kit.check import check_config, check_data
+    from flux2_kit.check import run_checks
     import torch
-    cfg = _config(args, extra)
-    rep = check_config(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    rep.datasets, rep.problems = (d := check_data(cfg)[1]).datasets, rep.problems + d.problems
-    print(rep if rep.datasets or rep.problems else "nothing to report")
-    rep.raise_errors()
-    print("check passed: nothing was loaded")
+    _, rep = run_checks(_config(args, extra), "cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{rep}\ncheck passed: nothing was loaded")
     return 0
 
 def cmd_cache(args, extra) -> int:

@@ -395,6 +395,9 @@ def launch(src,  # a Config, a Trainer (not yet run), a config.json path / folde
     if strategy == "fsdp2" and num_processes == 1: strategy = "ddp"  # one process: nothing to shard
     plan = check_strategy(cfg, strategy, cuda, deepspeed_config)
     check_kernel(reset_state)
+    from flux2_kit.check import preflight
+    rep = preflight(cfg, "cuda" if cuda else "cpu", num_processes)  # every mistake, before anything is forked
+    if kw.get("progress", False): print(f"flux2-kit check, before loading anything:\n{rep}", flush=True)
     port = check_port(port, master_addr) if port is not None else free_port(master_addr)
     run_dir = RunDir(cfg.output_dir)
     job_dir = run_dir.root / "launch"

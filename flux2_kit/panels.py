@@ -395,11 +395,11 @@ def _update(self: TrainingMonitor, n: int):
     self.progress.bar_style = {"completed": "success", "error": "danger", "paused": "warning",
                                "stopped": "warning", "stopping": "warning"}.get(
         self.status, {"dead": "danger", "stale": "warning"}.get(self.lost, "info"))
-    parts = [f"<b>{html.escape(self.status)}</b>", f"step {d['step']}/{self.max_steps or '?'}"]
+    parts = [f"<b>{html.escape(self.status)}</b>", f"step {html.escape(str(d['step']))}/{html.escape(str(self.max_steps or '?'))}"]
     if self.steps:
         parts += [f"loss {d['loss']:.4g} (EMA {d['ema']:.4g})", f"lr {d['lr']:.3g}",
                   f"{d['samples_per_s']:.3g} samples/s", f"ETA {_fmt_secs(d['eta_s'])}"]
-        if d["epoch"] is not None: parts.append(f"epoch {d['epoch']}")
+        if d["epoch"] is not None: parts.append(f"epoch {html.escape(str(d['epoch']))}")
     if self.messages: parts.append(html.escape(self.messages[-1]))
     self.header.value = " · ".join(parts)
     for kind, (done, total) in self.cache.items():
@@ -1187,8 +1187,9 @@ def refresh(self: Dashboard) -> int:
         n = [p.refresh() for p in self.panels][0]
         d = self.monitor.latest()
         err = f" · <span style='color:#b00020'>{len(self.monitor.training_errors)} training error(s)</span>" if self.monitor.training_errors else ""
-        self.header.value = (f"<b>{html.escape(str(self.run.root))}</b> · {html.escape(self.monitor.status)} · "
-                             f"step {d['step']}/{d['max_steps'] or '?'}{err}")
+        e = lambda x: html.escape(str(x))  # every value comes from events.jsonl, which anyone can write
+        self.header.value = (f"<b>{e(self.run.root)}</b> · {e(self.monitor.status)} · "
+                             f"step {e(d['step'])}/{e(d['max_steps'] or '?')}{err}")
         return n
     except Exception as e:
         self._report(e, "refresh")

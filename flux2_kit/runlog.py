@@ -13,10 +13,11 @@ from .config import is_path_name, slug
 # %% auto #0
 __all__ = ['EVENT_TYPES', 'CONTROL_DEFAULTS', 'CONTROL_MAX_BYTES', 'MAX_PREVIEW_GUIDANCE', 'LOCK_NAME', 'RUN_FILES',
            'BASE_PREFIX', 'GUIDANCE_SEP', 'SCALE_SEP', 'MODEL_PREFIX', 'to_jsonable', 'dumps', 'stable_hash',
-           'fsync_dir', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'make_event',
-           'EventWriter', 'EventReader', 'read_events', 'ControlError', 'validate_control', 'read_control',
-           'write_control', 'request_preview', 'reset_control', 'ControlPoller', 'library_versions', 'step_dirname',
-           'RunDir', 'RunLockedError', 'preview_image_name', 'parse_preview_name', 'guidance_image_name']
+           'clean_orphan_tmp', 'sha256_file', 'fsync_dir', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'make_event', 'EventWriter', 'EventReader', 'read_events', 'ControlError',
+           'validate_control', 'read_control', 'write_control', 'request_preview', 'reset_control', 'ControlPoller',
+           'library_versions', 'step_dirname', 'RunDir', 'RunLockedError', 'preview_image_name', 'parse_preview_name',
+           'guidance_image_name']
 
 # %% ../nbs/10_runlog.ipynb #053dbb29
 def _nonfinite(x: float):
@@ -62,6 +63,37 @@ def stable_hash(obj,  # JSON-able data (config, file list, ...)
     text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
+# %% ../nbs/10_runlog.ipynb #d9c1f010
+def _host() -> str: return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+def _writer_tag() -> str: return f"p{os.getpid()}h{_host()}"  # who writes a temporary file: pid and host
+_TMP_NAME = re.compile(r"^\..+\.p(\d+)h([0-9a-f]{6})\.[0-9a-f]{8}\.tmp$")
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def clean_orphan_tmp(folder: str | os.PathLike,  # a folder written with atomic_write
+                    ) -> list[Path]:
+    "Delete the temporary files that killed writers left in `folder` (their process no longer runs on this host); a live writer's are kept."
+    out = []
+    try: names = os.listdir(folder)
+    except FileNotFoundError: return out
+    for n in names:
+        m = _TMP_NAME.match(n)
+        if m and m[2] == _host() and not _alive(int(m[1])):
+            try: os.unlink(Path(folder) / n); out.append(Path(folder) / n)
+            except FileNotFoundError: pass
+    return out
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    "The sha256 hex digest of a file, read in chunks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
+
 # %% ../nbs/10_runlog.ipynb #401e6a1b
 def fsync_dir(path: str | os.PathLike):  # a folder whose entries (renames, new files) must reach the disk
     "fsync a folder so renames inside it are durable (a no-op where the platform cannot)."
@@ -78,7 +110,7 @@ def atomic_write(path: str | os.PathLike,  # final file path; its folder is crea
     "Write `path` through a temporary file in the same folder + fsync + `os.replace`: readers never see a partial file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp = path.parent / f".{path.name}.{_writer_tag()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -488,7 +520,7 @@ def close(self: RunDir):
     if self._writer is not None: self._writer.close(); self._writer = None
 
 # %% ../nbs/10_runlog.ipynb #cffa5610
-RUN_FILES = ("run.json", "events.jsonl", "control.json", "checkpoints", "previews", "lora", "logs")  # what a run writes here
+RUN_FILES = ("run.json", "events.jsonl", "control.json", "checkpoints", "previews", "lora", "logs", "launch")  # what a run writes here
 
 @patch
 def clear_run(self: RunDir) -> list[Path]:

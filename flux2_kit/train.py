@@ -11,8 +11,8 @@ import torch
 from .flow import FlowSettings, flow_match_loss
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'LR_SCHEDULERS', 'make_accelerator', 'make_optimizer', 'make_lr_scheduler', 'StepResult', 'to_device',
-           'prepare_training', 'compile_blocks', 'train_step', 'train_epoch']
+__all__ = ['OPTIMIZERS', 'LR_SCHEDULERS', 'make_accelerator', 'make_optimizer', 'make_lr_scheduler', 'stochastic_bf16',
+           'AdamWBF16', 'StepResult', 'to_device', 'prepare_training', 'compile_blocks', 'train_step', 'train_epoch']
 
 # %% ../nbs/08_train.ipynb #b0802d54
 def make_accelerator(mixed_precision: str = "no",  # "no", "bf16" or "fp16" (fp16 needs a GPU)
@@ -29,7 +29,7 @@ def make_accelerator(mixed_precision: str = "no",  # "no", "bf16" or "fp16" (fp1
                        cpu=cpu, **kwargs)
 
 # %% ../nbs/08_train.ipynb #0832d062
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 def make_optimizer(params,  # an nn.Module (its trainable parameters are used) or an iterable of parameters
@@ -50,7 +50,9 @@ def make_optimizer(params,  # an nn.Module (its trainable parameters are used) o
             raise ImportError(f"optimizer 'adamw8bit' needs bitsandbytes, which does not import here ({e}); "
                               "install it (CUDA machines) or use optimizer='adamw'") from None
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if optimizer == "adamw_bf16" and any(p.dtype == torch.bfloat16 for p in params):
+        return AdamWBF16(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)  # adamw_bf16 on fp32 weights (LoRA): the same
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer,  # the optimizer whose LR is scheduled
                       name: str = "constant",  # lr_scheduler: one of LR_SCHEDULERS
@@ -69,6 +71,39 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer,  # the optimizer whose L
     total = total_steps * num_processes if total_steps else None
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes, num_training_steps=total,
                          num_cycles=num_cycles, power=power)
+
+# %% ../nbs/08_train.ipynb #2efb9511
+def stochastic_bf16(x: torch.Tensor,  # fp32 values
+                   ) -> torch.Tensor:
+    "`x` rounded to bf16 up or down at random, in proportion to its distance from each (unbiased: E[result] = x)."
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return ((x.float().contiguous().view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+class AdamWBF16(torch.optim.Optimizer):
+    "AdamW for bf16 weights: fp32 arithmetic, bf16 weights and moments rounded stochastically; other dtypes are updated exactly like `torch.optim.AdamW`."
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for g in self.param_groups:
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None: continue
+                st = self.state[p]
+                if not st: st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                st["step"] += 1
+                t = float(st["step"])
+                x, m, v, grad = p.float(), st["exp_avg"].float(), st["exp_avg_sq"].float(), p.grad.float()
+                x.mul_(1 - lr * wd)
+                m.lerp_(grad, 1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(eps)
+                x.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                for dst, src in ((p, x), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
+                    dst.copy_(stochastic_bf16(src) if dst.dtype == torch.bfloat16 else src)
+        return loss
 
 # %% ../nbs/08_train.ipynb #5fd9a4c1
 @dataclass

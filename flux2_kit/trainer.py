@@ -217,12 +217,9 @@ def check(self: Trainer,
          ):
     "The check phase, once, before anything heavy loads: config, paths, names, precision, resolutions, the data scan, then `output_dir` (lock; fresh or resume) and memory. Raises `CheckError` with every problem; returns the `CheckReport`."
     if self.report is not None: return self.report
-    from flux2_kit.check import check_config, check_data, claim_rundir
+    from flux2_kit.check import claim_rundir, run_checks
     c, acc = self.cfg, self.accelerator
-    rep = check_config(c, acc.device.type)
-    tables, data = check_data(c, acc.num_processes)
-    rep.datasets = data.datasets
-    rep.add(*data.problems).raise_errors()  # nothing written yet: a refused run leaves output_dir as it was
+    tables, rep = run_checks(c, acc.device.type, acc.num_processes)  # nothing written yet: a refused run changes nothing
     res = c.resume_from_checkpoint if resume is _CONFIG else resume
     if not claim:
         from flux2_kit.check import Claim
@@ -693,10 +690,16 @@ def save(self: Trainer) -> Path | None:
         lora, opt_state = fsdp2_full_state(self.transformer, opt)
     if not self.is_main: return None
     if self.strategy != "fsdp2": lora, opt_state = lora_state_dict(self.transformer), opt.state_dict()
-    p = save_checkpoint(self.rundir.checkpoints_dir, self.step, lora,
-                        optimizer_state=opt_state, scheduler_state=sched.state_dict(),
-                        sampler_state=self.data_sampler.state_dict(), rng=rng, meta=self.resume_meta(),
-                        extra=dict(epoch=self.epoch, strategy=self.strategy), overwrite=True)
+    try: p = save_checkpoint(self.rundir.checkpoints_dir, self.step, lora,
+                             optimizer_state=opt_state, scheduler_state=sched.state_dict(),
+                             sampler_state=self.data_sampler.state_dict(), rng=rng, meta=self.resume_meta(),
+                             extra=dict(epoch=self.epoch, strategy=self.strategy), overwrite=True)
+    except OSError as e:  # disk full, quota, permissions: named at the step being saved
+        import errno
+        raise TrainingError(f"the checkpoint of step {self.step} could not be written to {self.rundir.checkpoints_dir}: {e}",
+                            kind="disk_full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "io", step=self.step,
+                            advice="free disk space or move output_dir to a larger disk; the previous checkpoint is "
+                                   "intact and resume_from_checkpoint 'latest' continues from it") from e
     self.rundir.log_event("checkpoint", step=self.step, path=os.path.relpath(p, self.rundir.root))
     if self.cfg.checkpoints_total_limit:
         prune_checkpoints(self.rundir.checkpoints_dir, self.cfg.checkpoints_total_limit, run_id=self.claim.run_id)
@@ -918,8 +921,10 @@ def _fail(self: Trainer, e: BaseException) -> BaseException:
         err = TrainingError(f"out of memory at step {self.step + 1}: {str(e)[:300]}", kind="oom", step=self.step + 1,
                             advice=OOM_ADVICE)
     if self.claim is not None:  # a run that was refused by its check wrote nothing, and logs nothing
+        step = getattr(err, "step", None)  # a TrainingError knows its step (a failed save: the step saved)
         self.rundir.log_event("error", message=str(err)[:2000], kind=getattr(err, "kind", type(e).__name__),
-                              step=self.step + 1, advice=getattr(err, "advice", None), files=getattr(err, "files", None))
+                              step=self.step + 1 if step is None else step, advice=getattr(err, "advice", None),
+                              files=getattr(err, "files", None))
     return err
 
 # %% ../nbs/11_trainer.ipynb #025ac13d

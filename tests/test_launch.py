@@ -2,12 +2,14 @@
 sharded caching, rank-0-only events (global mean loss), 2 x batch 1 == 1 x batch 2, multi-process resume, FSDP2
 sharding with torch's `fully_shard` over gloo, and FSDP2 Trainer runs (== DDP, resume, export loadable by diffusers)."""
 import json, os, shutil, socket
+from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from flux2_kit.launch import LaunchError, check_port, full_lora_state_dict, fsdp2_shard, launch
-from flux2_kit.trainer import tiny_config
+from flux2_kit.check import CheckError
+from flux2_kit.trainer import Callback, tiny_config
 
 LORA = "pytorch_lora_weights.safetensors"
 # 2 processes x batch 1 vs 1 process x batch 2, same seed, 3 AdamW steps at lr 1e-3: the data order and the noise are
@@ -101,11 +103,23 @@ def test_guards(tmp_path):
     with pytest.raises(LaunchError, match="num_processes"): launch(cfg, num_processes=0)
 
 
+class _Boom(Callback):
+    def before_step(self, t): raise RuntimeError(f"boom on rank {t.accelerator.process_index}")
+
+
 def test_child_error_is_reraised(tmp_path):
     "A failure inside a rank comes back to the caller with its message and traceback."
+    cfg = tiny_config(tmp_path / "bad", max_train_steps=1)
+    with pytest.raises(LaunchError, match=r"rank \d failed: RuntimeError: boom on rank \d"):
+        launch(cfg, num_processes=2, trainer_kwargs=dict(callbacks=[_Boom()]))
+
+
+def test_config_mistakes_are_caught_before_forking(tmp_path):
+    "The check phase runs in the kernel: a batch no bucket fills is refused before any process starts."
     cfg = tiny_config(tmp_path / "bad", max_train_steps=1, train_batch_size=3)  # 4 images: no global batch of 6
-    with pytest.raises(LaunchError, match=r"rank 0 failed: .*global batch is train_batch_size 3 x 2 processes"):
+    with pytest.raises(CheckError, match=r"no bucket fills a batch of 6 \(the global batch is train_batch_size 3 x 2 processes\)"):
         launch(cfg, num_processes=2)
+    assert not (Path(cfg.output_dir) / "launch").exists()  # nothing was started
 
 
 # ---- FSDP2 on CPU: torch's fully_shard over gloo (accelerate ignores FSDP on CPU) ----
