@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py | md5sum | cut -c1-12)
+HASH := $(shell cat settings.ini setup.py | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-test-$(HASH)
+DEMO_STAMP := $(VENV)/.installed-demo-$(HASH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -11,20 +13,26 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: env demo test export-check clean-check nbtest pytest lint clean docs chromium
+.PHONY: env demo-env demo test export-check clean-check nbtest pytest lint clean docs chromium
 
-# The environment: CPU torch 2.13.0 first (pip takes it from local disk), then the project with its dev tools.
-$(STAMP): settings.ini setup.py
+# The demo's environment: CPU torch 2.13.0 first (pip takes it from local disk), then the project's runtime requirements.
+$(DEMO_STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	rm -f $(VENV)/.installed-*; touch $@
+	$(BIN)/python -m pip install -q -e .
+	rm -f $(VENV)/.installed-demo-*; touch $@
 
+# The test environment adds the dev tools (nbdev, pytest) and the docs/browser tooling (Sphinx, Playwright, Voila).
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
+	rm -f $(VENV)/.installed-test-*; touch $@
+
+demo-env: $(DEMO_STAMP)
 env: $(STAMP)
 
-# The quickstart: build flux2-tiny + the sample dataset, then run the main job.
-demo: env
+# The quickstart: flux2-mini + the shapes dataset, a LoRA that learns a new shape, its grid and scores.
+demo: demo-env
 	$(BIN)/python examples/demo.py
 
 # nbdev_export must leave no diff: the library is exactly what the notebooks export.

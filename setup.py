@@ -9,6 +9,7 @@ cfg = cfg["DEFAULT"]
 
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+docs_requirements = cfg.get("docs_requirements", "").split()
 console_scripts = [s.strip() for s in cfg.get("console_scripts", "").split() if s.strip()]
 readme = Path(__file__).parent / "README.md"
 
@@ -27,7 +28,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, "docs": docs_requirements},
     entry_points={"console_scripts": console_scripts, "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"]},
     zip_safe=False,
     classifiers=[

@@ -18,7 +18,7 @@ def main(workdir="runs/demo", steps=100):
     cfg = tiny_config(workdir, "dev", "small", max_train_steps=int(steps), checkpointing_steps=50, checkpoints_total_limit=2,
                       validation_steps=25, validation_resolution="128x128", validation_num_inference_steps=4,
                       learning_rate=2e-3, lora_rank=16, flux_guidance_mode="random-range", flux_guidance_min=1.0,
-                      flux_guidance_max=5.0,
+                      flux_guidance_max=5.0, overwrite_output_dir=True,
                       datasets=[dict(id="sample", type="local", instance_data_dir=str(workdir / "datasets" / "flux2-sample"),
                                      caption_strategy="textfile", crop=True, crop_aspect="square", crop_style="center",
                                      resolution=128, resolution_type="pixel_area", minimum_image_size=64,

@@ -11,8 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['MISTRAL_SMALL_3_1', 'QWEN3_4B', 'QWEN3_8B', 'FLUX2_TRANSFORMERS', 'TEXT_ENCODERS', 'STACKED_LAYERS', 'FLAVOURS',
            'DTYPE_BYTES', 'QUANTO', 'PRECISIONS', 'OPTIMIZER_STATE_BYTES', 'STRATEGIES', 'TRANSIENT', 'INFER_PER_TOKEN',
-           'TEXT_TRANSIENT', 'VAE_ENCODE_PER_PIXEL', 'VAE_DECODE_PER_PIXEL', 'GiB', 'CUDA_OVERHEAD',
-           'QUICKSTART_CONFIGS', 'PANEL_PRECISIONS', 'PlanError', 'ModelSpec', 'model_spec', 'Tally',
+           'TEXT_TRANSIENT', 'VAE_ENCODE_PER_PIXEL', 'VAE_DECODE_PER_PIXEL', 'GiB', 'CUDA_OVERHEAD', 'CPU_OVERHEAD',
+           'RUNTIME', 'QUICKSTART_CONFIGS', 'PANEL_PRECISIONS', 'PlanError', 'ModelSpec', 'model_spec', 'Tally',
            'TransformerCounts', 'transformer_counts', 'TextEncoderCounts', 'text_encoder_counts', 'VaeCounts',
            'vae_counts', 'LoraCounts', 'lora_counts', 'check_precision', 'weight_bytes', 'compute_bytes',
            'PlanSettings', 'resolve_settings', 'block_activation_bytes', 'saved_bytes_per_block', 'measure_peak',
@@ -635,7 +635,7 @@ def _targets_by_block(targets) -> dict:
 class Activations:
     "Bytes a training step holds beyond weights and optimizer state."
     saved: int  # what autograd keeps for backward (block inputs only, with checkpointing)
-    recompute: int  # one block's saved tensors rebuilt in backward (checkpointing)
+    recompute: int  # one block's saved tensors rebuilt in backward, with its forward's temporaries (checkpointing)
     transient: int  # backward's working buffers
     weight_copies: int  # autocast's saved low-precision copies of LoRA (and fp32 base) weights
     tokens: int  # tokens per sample (image + references + text)
@@ -667,7 +667,7 @@ def transformer_activations(spec: ModelSpec, s: PlanSettings) -> Activations:
     lora_copies = lc.trainable * a if autocast and lora_act < 4 else 0
     base_copies = tc.blocks.linear * a if autocast and not quant and base_b > a else 0  # fp32 base under autocast
     if s.gradient_checkpointing:
-        saved, recompute = len(blocks) * (img + txt) * a * tc.dim + top, biggest
+        saved, recompute = len(blocks) * (img + txt) * a * tc.dim + top, 2 * biggest  # the block recomputed, and its forward's temporaries
         base_copies = tc.largest_block.linear * a if base_copies else 0  # only the recomputed block's casts live
     else:
         saved, recompute = sum(blocks) + top, 0
@@ -700,6 +700,8 @@ def vae_activations(spec: ModelSpec, s: PlanSettings, decode: bool = False, side
 # %% ../nbs/14_plan.ipynb #29ff8aa4
 GiB = 2 ** 30
 CUDA_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS/NCCL workspaces per GPU process (outside PyTorch's allocator)
+CPU_OVERHEAD = 16 * 2**20  # on a CPU: the allocator's arenas and torch's work buffers (measured on flux2-small, 2-core CPU)
+RUNTIME = "runtime (CUDA context / CPU allocator)"  # the component holding either
 
 @dataclass
 class Phase:
@@ -800,7 +802,7 @@ def _te_weights(te, s, group_offload):
 def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
     tc, te, vc = transformer_counts(spec), text_encoder_counts(spec), vae_counts(spec)
     lc = lora_counts(spec, s.flux_lora_target, s.lora_rank, s.lora_type)
-    runtime = CUDA_OVERHEAD if device == "cuda" else 0
+    runtime = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     world = s.gpus
     fsdp = s.strategy == "fsdp2" and world > 1
     dd = s.base_model_default_dtype
@@ -809,10 +811,10 @@ def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
     tep = s.text_encoder_1_precision
     c = {f"text encoder (diet, {tep})": te_dev, "text encoder activations": text_activations(spec, s),
          f"VAE encoder ({s.vae_dtype})": weight_bytes(vc.encoder, s.vae_dtype), "VAE encode activations": vae_activations(spec, s),
-         "runtime (CUDA context)": runtime}
+         RUNTIME: runtime}
     ten, vn = f"text encoder (diet, {tep})", f"VAE encoder ({s.vae_dtype})"
-    steps = {"text embeds": [ten, "text encoder activations", vn, "runtime (CUDA context)"],
-             "latents": ([] if s.offload_during_startup else [ten]) + [vn, "VAE encode activations", "runtime (CUDA context)"]}
+    steps = {"text embeds": [ten, "text encoder activations", vn, RUNTIME],
+             "latents": ([] if s.offload_during_startup else [ten]) + [vn, "VAE encode activations", RUNTIME]}
     host = {}
     if te_host: host["text encoder (group-offloaded)"] = te_host
     if tep in QUANTO and s.quantize_via == "cpu": host["text encoder loading copy"] = weight_bytes(te.diet, dd, dd)
@@ -842,7 +844,7 @@ def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
          "gradients (fp32)" + (" + DDP buckets" if s.strategy == "ddp" and world > 1 else ""): grads,
          f"optimizer states ({s.optimizer})": opt, "activations (saved for backward)": act.saved + act.weight_copies,
          "activations (recompute + backward buffers)": act.recompute + act.transient, "batch tensors": batch,
-         "runtime (CUDA context)": runtime}
+         RUNTIME: runtime}
     if not fsdp: del t["FSDP2 all-gather (2 blocks)"]
     thost = {}
     if t_host: thost["transformer (group-offloaded)"] = t_host
@@ -852,7 +854,7 @@ def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
     p = {k: v for k, v in t.items() if k in (tname, "FSDP2 all-gather (2 blocks)", "LoRA weights (fp32)", f"optimizer states ({s.optimizer})")}
     p.update({f"VAE decoder ({s.vae_dtype})": weight_bytes(vc.decoder, s.vae_dtype),
               "denoise activations": inference_activations(spec, s),
-              "decode activations": vae_activations(spec, s, decode=True), "runtime (CUDA context)": runtime})
+              "decode activations": vae_activations(spec, s, decode=True), RUNTIME: runtime})
     common = [k for k in p if k not in ("denoise activations", "decode activations")]
     preview = Phase("preview", p, {"denoise": common + ["denoise activations"], "decode": common + ["decode activations"]}, dict(thost))
     lat = 32 * 4 * img_tokens * DTYPE_BYTES[s.vae_dtype]
