@@ -32,6 +32,7 @@ class Problem:
 # %% ../nbs/11a_check.ipynb #23270178
 class CheckError(ConfigError):
     "The check phase found errors; `problems` holds them all and `str(e)` is one line per error."
+    report = None  # the CheckReport that raised it (its data table), when there is one
     def __init__(self, problems: list):
         self.problems = [p for p in problems if p.level == "error"]
         first = self.problems[0]
@@ -49,22 +50,28 @@ class CheckReport:
     errors = property(lambda self: [p for p in self.problems if p.level == "error"])
 
     def raise_errors(self):
-        "Raise `CheckError` listing every error, if any."
-        if self.errors: raise CheckError(self.errors)
+        "Raise `CheckError` listing every error (with this report as `.report`), if any."
+        if self.errors:
+            e = CheckError(self.errors); e.report = self
+            raise e
         return self
 
 # %% ../nbs/11a_check.ipynb #d7c27090
 def _skipped_text(row: dict, n: int = 3) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(row["skipped"].items(), key=lambda kv: -kv[1])[:n]) or "-"
 
+def _table(self: CheckReport) -> str:
+    "The data scan as a short text table (one row per image dataset)."
+    if not self.datasets: return ""
+    w = max(7, *(len(r["dataset"]) for r in self.datasets))
+    lines = [f"  {'dataset':<{w}}  found   kept  batches/epoch  skipped"]
+    for r in self.datasets:
+        b = "-" if r["batches"] is None else r["batches"]
+        lines.append(f"  {r['dataset']:<{w}}  {r['found']:>5}  {r['kept']:>5}  {b:>13}  {_skipped_text(r)}")
+    return "\n".join(lines)
+
 def _report_str(self: CheckReport) -> str:
-    lines = []
-    if self.datasets:
-        w = max(7, *(len(r["dataset"]) for r in self.datasets))
-        lines.append(f"  {'dataset':<{w}}  found   kept  batches/epoch  skipped")
-        for r in self.datasets:
-            b = "-" if r["batches"] is None else r["batches"]
-            lines.append(f"  {r['dataset']:<{w}}  {r['found']:>5}  {r['kept']:>5}  {b:>13}  {_skipped_text(r)}")
+    lines = [self.table()] if self.datasets else []
     order = {lv: i for i, lv in enumerate(LEVELS)}
     lines += [str(p) for p in sorted(self.problems, key=lambda p: order[p.level])]
     return "\n".join(lines)
@@ -78,7 +85,7 @@ def _report_md(self: CheckReport) -> str:
     out += [f"- **{p.level}**: {p.file + ': ' if p.file else ''}{p.message}" for p in self.problems]
     return "\n".join(out) or "nothing to report"
 
-CheckReport.__str__, CheckReport._repr_markdown_ = _report_str, _report_md
+CheckReport.table, CheckReport.__str__, CheckReport._repr_markdown_ = _table, _report_str, _report_md
 
 # %% ../nbs/11a_check.ipynb #172399e9
 def check_precision(cfg: Config,  # the run's config
@@ -89,6 +96,17 @@ def check_precision(cfg: Config,  # the run's config
     if cfg.mixed_precision == "fp16" and device != "cuda":
         out.append(Problem("error", "'mixed_precision' = 'fp16' needs a CUDA GPU (on a CPU accelerate would silently train "
                            "in fp32): use 'bf16' or 'no'", "mixed_precision", "fp16", cfg.source))
+    quanto = cfg.base_model_precision.endswith("-quanto")
+    if quanto and cfg.mixed_precision == "bf16" and cfg.base_model_default_dtype != "bf16":
+        out.append(Problem("error", f"'base_model_precision' = {cfg.base_model_precision!r} with 'mixed_precision' = 'bf16' "
+                           f"needs 'base_model_default_dtype' = 'bf16', not {cfg.base_model_default_dtype!r} (quanto's layers "
+                           "keep their own dtype, and autocast's bf16 activations then fail in backward): set "
+                           "base_model_default_dtype to 'bf16'", "base_model_default_dtype", cfg.base_model_default_dtype, cfg.source))
+    if device != "cuda" and cfg.base_model_precision == "int8-quanto" and cfg.base_model_default_dtype == "bf16":
+        out.append(Problem("error", "'base_model_precision' = 'int8-quanto' with bf16 weights does not run on a CPU (quanto's "
+                           "CPU int8 kernel rejects the layout of bf16 activations): on a CPU set base_model_default_dtype "
+                           "to 'fp32', or use 'int4-quanto' / 'fp8-quanto'; on a GPU it works", "base_model_precision",
+                           "int8-quanto", cfg.source))
     if device != "cuda" and "fp16" in (cfg.base_model_default_dtype, cfg.base_model_precision):
         out.append(Problem("note", "fp16 weights on a CPU work but are slow (no fp16 matmul kernels): 'bf16' or 'fp32' "
                            "is faster here", "base_model_default_dtype", cfg.base_model_default_dtype, cfg.source))
@@ -124,8 +142,8 @@ def check_model_path(cfg: Config) -> list:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         from huggingface_hub import try_to_load_from_cache
         if not isinstance(try_to_load_from_cache(p, "model_index.json", revision=cfg.revision), str):
-            return err("not a local folder, and not in the Hugging Face cache while HF_HUB_OFFLINE=1: download it first "
-                       f"(`huggingface-cli download {p}`) or point to a local folder")
+            return err(f"the folder {path.resolve()} does not exist, and as a hub id it is not in the Hugging Face cache "
+                       f"while HF_HUB_OFFLINE=1: fix the path, or download it first (`huggingface-cli download {p}`)")
     return []
 
 # %% ../nbs/11a_check.ipynb #0a787884

@@ -217,9 +217,12 @@ def check(self: Trainer,
          ):
     "The check phase, once, before anything heavy loads: config, paths, names, precision, resolutions, the data scan, then `output_dir` (lock; fresh or resume) and memory. Raises `CheckError` with every problem; returns the `CheckReport`."
     if self.report is not None: return self.report
-    from flux2_kit.check import claim_rundir, run_checks
+    from flux2_kit.check import CheckError, claim_rundir, run_checks
     c, acc = self.cfg, self.accelerator
-    tables, rep = run_checks(c, acc.device.type, acc.num_processes)  # nothing written yet: a refused run changes nothing
+    try: tables, rep = run_checks(c, acc.device.type, acc.num_processes)  # nothing written: a refused run changes nothing
+    except CheckError as e:  # the data table is worth seeing next to the errors
+        if self.progress and self.is_main and e.report is not None and e.report.datasets: print(e.report.table(), flush=True)
+        raise
     res = c.resume_from_checkpoint if resume is _CONFIG else resume
     if not claim:
         from flux2_kit.check import Claim
