@@ -14,10 +14,10 @@ import torch
 from .runlog import atomic_write_bytes, clean_orphan_tmp, sha256_file
 
 # %% auto #0
-__all__ = ['INDEX_NAME', 'FORMAT_VERSION', 'PIXELS_VERSION', 'CacheStats', 'ShardStore', 'text_embed_key', 'TextEmbedCache',
-           'cache_text_embeds', 'LatentRequest', 'as_request', 'load_rgb', 'request_bytes', 'request_pixels',
-           'vae_identity', 'image_sha256', 'request_sha256', 'loader_id', 'latent_key', 'encode_images', 'LatentCache',
-           'cache_latents']
+__all__ = ['INDEX_NAME', 'FORMAT_VERSION', 'PIXELS_VERSION', 'CacheStats', 'CacheError', 'ShardStore', 'text_embed_key',
+           'TextEmbedCache', 'cache_text_embeds', 'LatentRequest', 'as_request', 'load_rgb', 'request_bytes',
+           'request_pixels', 'vae_identity', 'image_sha256', 'request_sha256', 'loader_id', 'latent_key',
+           'encode_images', 'LatentCache', 'cache_latents']
 
 # %% ../nbs/05_cache.ipynb #0411eb60
 @dataclass
@@ -52,6 +52,9 @@ class CacheStats:
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 
+class CacheError(ValueError):
+    "A cache folder that flux2_kit cannot use without overwriting what is not its own."
+
 def _key(**parts) -> str:
     "sha256 of the parts as canonical JSON: a cache key."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -76,14 +79,21 @@ class ShardStore:
     def _read_index(self) -> dict:
         p = self.root / self.index_name
         if not p.exists(): return self._empty()
+        text = ""
         try:
-            idx = json.loads(p.read_text())
-            assert isinstance(idx.get("shards"), dict) and isinstance(idx.get("entries"), dict)
-        except (ValueError, OSError, AssertionError):
+            text = p.read_text(errors="replace")
+            idx = json.loads(text)
+            assert isinstance(idx, dict) and isinstance(idx.get("shards"), dict) and isinstance(idx.get("entries"), dict)
+        except (ValueError, OSError, AssertionError, AttributeError):
+            ours = text.startswith('{\n"entries"') or any(self.root.glob(f"{self.kind}-*.safetensors"))  # our layout, or our shards
+            if not ours:
+                raise CacheError(f"{p} is not a flux2_kit cache index, and {self.root} holds no flux2_kit cache: flux2_kit "
+                                 "never overwrites files it does not own; give this dataset a cache folder of its own "
+                                 "(cache_dir / cache_dir_vae), or move the file away") from None
             warnings.warn(f"{p} is unreadable: starting an empty index (entries will be encoded again)")
             return self._empty()
         if idx.get("kind") != self.kind:
-            raise ValueError(f"{self.root} holds a {idx.get('kind')!r} cache, not {self.kind!r}: give each its own "
+            raise CacheError(f"{self.root} holds a {idx.get('kind')!r} cache, not {self.kind!r}: give each its own "
                              f"cache_dir (text embeds: `cache_dir`, latents: `cache_dir_vae`)")
         if idx.get("version") != FORMAT_VERSION:
             warnings.warn(f"{p} has cache format {idx.get('version')}, this flux2_kit writes {FORMAT_VERSION}: re-encoding")

@@ -151,11 +151,12 @@ def run(argv: list | None = None) -> int:
 
 def _user_error(e: BaseException) -> bool:
     "A mistake the user fixes in the config, the data or the command line (exit status 2), not a failed run (1)."
+    from flux2_kit.cache import CacheError
     from flux2_kit.checkpoint import CheckpointError, ResumeError
     from flux2_kit.config import ConfigError
     from flux2_kit.data import DataError
     from flux2_kit.runlog import RunLockedError
-    return isinstance(e, (ConfigError, CLIError, DataError, CheckpointError, ResumeError, RunLockedError))
+    return isinstance(e, (ConfigError, CLIError, DataError, CacheError, CheckpointError, ResumeError, RunLockedError))
 
 def _lines(e: BaseException) -> list[str]:
     "What the terminal shows for an error: one line per problem (a training error adds its advice)."
