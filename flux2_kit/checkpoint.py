@@ -133,7 +133,11 @@ def _cpu_tensors(tensors: Mapping, where: str) -> dict:
 
 def _write_safetensors(path: Path, tensors: dict):
     from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+    try: save_file(tensors, str(path), metadata={"format": FORMAT})
+    except Exception as e:  # safetensors reports a full disk as its own error: give it back as the OSError it is
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None: raise
+        raise OSError(int(m[1]), f"{os.strerror(int(m[1]))} while writing {path.name}") from e
     _fsync_file(path)
 
 def _write_json(path: Path, obj):
