@@ -117,8 +117,11 @@ _PIPELINES = {"dev": ("Flux2Pipeline",), "klein": ("Flux2KleinPipeline",)}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 def check_model_path(cfg: Config) -> list:
-    "`pretrained_model_name_or_path`: an existing diffusers folder of the right flavour, a built-in test model, or a hub id."
-    p, key = cfg.model_path, "pretrained_model_name_or_path"
+    "`pretrained_model_name_or_path` (and `validation_model`): an existing diffusers folder of the right flavour, a built-in test model, or a hub id."
+    out = _check_model(cfg, cfg.model_path, "pretrained_model_name_or_path")
+    return out + (_check_model(cfg, cfg.validation_model, "validation_model") if cfg.validation_model else [])
+
+def _check_model(cfg: Config, p: str, key: str) -> list:
     err = lambda msg: [Problem("error", f"'{key}' = {p!r}: {msg}", key, p, cfg.source)]
     if p.startswith("flux2-") and ":" in p and not Path(p).exists(): return []  # built-in models, checked by the config
     path = Path(cfg.base_dir or ".") / Path(p).expanduser()

@@ -157,6 +157,7 @@ _RANGES = {
     "scheduled_sampling_ramp_steps": "[0, inf)", "scheduled_sampling_start_step": "[0, inf)",
     "tokenizer_max_length": "[1, inf)", "validation_num_inference_steps": "[1, inf)",
     "validation_guidance": "[0, inf)", "validation_steps": "[0, inf)", "validation_seed": "[0, inf)",
+    "validation_model_num_inference_steps": "[1, inf)", "validation_model_guidance": "[0, inf)",
     "checkpointing_steps": "[0, inf)", "checkpoints_total_limit": "[1, inf)", "vae_batch_size": "[1, inf)",
     "group_offload_blocks_per_group": "[1, inf)",
     # shared
@@ -430,6 +431,10 @@ class Config:
     validation_num_inference_steps: int = 20  # sampler steps per preview image
     validation_guidance: float = 4.0  # guidance_scale passed to the pipeline for previews
     validation_negative_prompt: str | None = None  # klein CFG previews: the negative prompt (None: the empty prompt); dev has no CFG, so it is not used there
+    validation_lora_scales: list[float] | None = None  # more preview rows with the LoRA at these strengths, e.g. [0.5, 1.5] (1.0 is always rendered)
+    validation_model: str | None = None  # a second base to preview the LoRA on, e.g. train klein-base-4B, preview on the distilled FLUX.2-klein-4B (hub id, folder, or "flux2-tiny:klein-distilled")
+    validation_model_num_inference_steps: int | None = None  # its sampler steps (None: 4 for a distilled klein, else validation_num_inference_steps)
+    validation_model_guidance: float | None = None  # its guidance (None: 1.0 for a distilled klein, else validation_guidance)
     validation_steps: int = 100  # preview every N optimizer steps; 0: never (SimpleTuner also: validation_step_interval)
     validation_seed: int | None = None  # seed for preview noise; None: use `seed`
     user_prompt_library: str | None = None  # JSON file {name: prompt} of preview prompts; loaded into `prompt_library`
@@ -524,6 +529,13 @@ def _check_config(c: Config):
             raise ConfigError(f"'pretrained_model_name_or_path' = {p!r} does not fit 'model_flavour' = {c.model_flavour!r}: "
                               "use 'flux2-tiny:dev' with dev and 'flux2-tiny:klein' with klein-4b/klein-9b",
                               "pretrained_model_name_or_path", p)
+    if c.validation_lora_scales is not None and not all(0 <= s <= 4 for s in c.validation_lora_scales):
+        raise ConfigError(f"'validation_lora_scales' = {c.validation_lora_scales!r}: each strength must be >= 0 and <= 4 "
+                          "(1.0 is the trained LoRA, 0 the base model)", "validation_lora_scales", c.validation_lora_scales)
+    vm = c.validation_model
+    if vm and vm.startswith(TINY_PREFIX) and (vm.split(":")[1].startswith("klein")) != c.model_flavour.startswith("klein"):
+        raise ConfigError(f"'validation_model' = {vm!r} does not fit 'model_flavour' = {c.model_flavour!r}: a LoRA previews "
+                          "on a model of its own family", "validation_model", vm)
     parse_resolutions(c.validation_resolution)
     parse_lora_target(c.flux_lora_target)
     parse_report_to(c.report_to)
@@ -969,9 +981,10 @@ def load_config(src: str | os.PathLike | dict,  # config.json / config.toml path
             elif key not in kw and here is not None and (here / _BESIDE[key]).is_file():  # SimpleTuner's layout
                 kw[key] = str((here / _BESIDE[key]).resolve())
                 notices.append(f"{key}: using {here / _BESIDE[key]} (found beside {path.name}, as SimpleTuner does)")
-        model = kw.get("pretrained_model_name_or_path")
-        if isinstance(model, str) and not model.startswith(TINY_PREFIX) and model.strip() and (base / model).exists():
-            kw["pretrained_model_name_or_path"] = _resolve(model, base)
+        for key in ("pretrained_model_name_or_path", "validation_model"):  # a local folder becomes absolute; hub ids stay
+            model = kw.get(key)
+            if isinstance(model, str) and not model.startswith(TINY_PREFIX) and model.strip() and (base / model).exists():
+                kw[key] = _resolve(model, base)
         cfg = Config(**kw)
         datasets = load_databackend(cfg.data_backend_config, base, defaults=dataset_defaults(cfg)) if cfg.data_backend_config else []
         prompts = load_prompt_library(cfg.user_prompt_library) if cfg.user_prompt_library else {}

@@ -26,9 +26,11 @@ def resolve_model_path(name: str | Path,  # local folder, hub id, or "flux2-tiny
     if s.startswith(("flux2-tiny:", "flux2-small:")):
         from flux2_kit.tiny import flux2_tiny, FLAVOURS
         size, flavour = s[len("flux2-"):].split(":", 1)
+        distilled = flavour == "klein-distilled"  # klein's step-distilled sibling (a preview model for klein-base runs)
+        if distilled: flavour = "klein"
         if flavour not in FLAVOURS:
-            raise ValueError(f"model path {s!r}: flux2-{size} has flavours {FLAVOURS}, e.g. 'flux2-{size}:dev'")
-        return flux2_tiny(flavour, size)
+            raise ValueError(f"model path {s!r}: flux2-{size} has flavours {FLAVOURS} (and 'klein-distilled'), e.g. 'flux2-{size}:dev'")
+        return flux2_tiny(flavour, size, distilled=distilled)
     if s.startswith("flux2-") and ":" in s:
         raise ValueError(f"model path {s!r}: the built-in test models are 'flux2-tiny:<dev|klein>' and "
                          f"'flux2-small:<dev|klein>'")

@@ -694,18 +694,20 @@ def select_item(self: BucketInspector, path: str):  # an image path of the selec
 # %% ../nbs/15_panels.ipynb #7d5aa8d5
 def scan_previews(previews_dir: str | os.PathLike,  # output_dir/previews
                  ) -> dict:
-    "{step: {'prompts': {name: Path}, 'base': {name: Path}, 'guidance': {name: Path}, 'grid': Path | None}}."
+    "{step: {'prompts', 'base', 'guidance', 'rows', 'grid'}}: `rows` maps an extra row's label (a LoRA strength, the second model) to {prompt: Path}."
     out, root = {}, Path(previews_dir)
     if not root.is_dir(): return out
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
         if not m or not d.is_dir(): continue
-        e = out[int(m[1])] = dict(prompts={}, base={}, guidance={}, grid=None)
+        e = out[int(m[1])] = dict(prompts={}, base={}, guidance={}, rows={}, grid=None)
         for f in sorted(d.iterdir()):
             if f.suffix.lower() != ".png" or f.name.startswith("."): continue
             p = parse_preview_name(f.name)
             if p["grid"]: e["grid"] = f
             elif p["guidance"] is not None: e["guidance"][f.stem] = f
+            elif p["model"]: e["rows"].setdefault(f"{p['model']}{' base' if p['base'] else ' + LoRA'}", {})[p["prompt"]] = f
+            elif p["scale"] is not None: e["rows"].setdefault(f"LoRA x{p['scale']:g}", {})[p["prompt"]] = f
             elif p["base"]: e["base"][p["prompt"]] = f
             else: e["prompts"][p["prompt"]] = f
     return dict(sorted(out.items()))
@@ -728,6 +730,7 @@ class ValidationGrid(Panel):
         self.step = W.Dropdown(description="checkpoint")
         self.prompt = W.Dropdown(description="prompt")
         self.step_row, self.base_row, self.prompt_row = W.HBox(layout=_wrap()), W.HBox(layout=_wrap()), W.HBox(layout=_wrap())
+        self.extra = W.VBox()  # this checkpoint's extra rows: LoRA strengths, the second preview model
         self.large, self.large_label = W.Image(format="png"), W.HTML()
         self.compare_a, self.compare_b = W.Dropdown(description="A"), W.Dropdown(description="B")
         self.compare_box, self.info = W.HBox(), W.HTML()
@@ -736,7 +739,7 @@ class ValidationGrid(Panel):
         self._on_change(self.compare_a, "_show_compare")
         self._on_change(self.compare_b, "_show_compare")
         self.widget = W.VBox([self.info, self.step, W.HTML("<b>this checkpoint</b>"), self.step_row,
-                              W.HTML("<b>base model</b>"), self.base_row, self.prompt,
+                              W.HTML("<b>base model</b>"), self.base_row, self.extra, self.prompt,
                               W.HTML("<b>this prompt across checkpoints</b>"), self.prompt_row,
                               self.large_label, self.large, W.HTML("<b>compare</b>"),
                               W.HBox([self.compare_a, self.compare_b]), self.compare_box,
@@ -839,6 +842,21 @@ def _show_step(self: ValidationGrid):
     self.step_row.children = [self._card("step", p, f) for p, f in sorted(self.index.get(s, {}).get("prompts", {}).items())]
     base = [(p, self.base_image(p, s)) for p in self.prompts(s)]
     self.base_row.children = [self._card("base", f"base · {p}", f) for p, f in base if f is not None]
+    self.cards["extra"] = []
+    self.extra.children = [w for label, ims in self.extra_rows(s).items() for w in
+                           (W.HTML(f"<b>{html.escape(label)}</b>"),
+                            W.HBox([self._card("extra", f"{label} · {p}", f) for p, f in sorted(ims.items())], layout=_wrap()))]
+
+@patch
+def extra_rows(self: ValidationGrid, step: int | None = None,  # default: the selected checkpoint
+              ) -> dict:
+    "A checkpoint's extra rows, `{label: {prompt: path}}`: the LoRA at other strengths, and on the second preview model (its base row from the newest folder that has it)."
+    s = self.step.value if step is None else step
+    rows = dict(self.index.get(s, {}).get("rows", {}))
+    for e in reversed(list(self.index.values())):  # a second model's base row is rendered once per run
+        for label, ims in e.get("rows", {}).items():
+            if label.endswith(" base") and label not in rows: rows[label] = ims
+    return dict(sorted(rows.items(), key=lambda kv: (not kv[0].startswith("LoRA"), kv[0])))
 
 @patch
 def _show_prompt(self: ValidationGrid):
@@ -933,6 +951,7 @@ class GuidancePanel(Panel):
         self.config_note = W.HTML()
         self.values = W.FloatsInput(value=[float(g) for g in guidance], format=".2f")
         self.slider = W.FloatSlider(value=cfg.validation_guidance, min=0, max=10, step=0.25, description="guidance")
+        self.strength = W.FloatSlider(value=1.0, min=0, max=2, step=0.1, description="LoRA strength")
         self.add_button = W.Button(description="Add", icon="plus")
         self.preview_button = W.Button(description="Preview", icon="image", button_style="primary")
         self.preview_note, self.images = W.HTML(), W.HBox(layout=_wrap())
@@ -948,7 +967,7 @@ class GuidancePanel(Panel):
         self.widget = W.VBox([W.HTML("<b>Training guidance</b> (applies to the next launch)"), self.mode,
                               W.HBox([self.value, self.gmin, self.gmax]), W.HBox([self.save_button, self.config_note]),
                               W.HTML("<b>Preview guidance</b>"), self.values,
-                              W.HBox([self.slider, self.add_button, self.preview_button]), self.preview_note,
+                              W.HBox([self.slider, self.add_button]), W.HBox([self.strength, self.preview_button]), self.preview_note,
                               self.images, self.train_alert, self.alert, self.out])
 
     def _mode_changed(self):
@@ -991,21 +1010,23 @@ def add_value(self: GuidancePanel) -> list:
 
 @patch
 def request(self: GuidancePanel, guidance=None,  # a scale or a list (default: the preview list)
+            scale: float | None = None,  # the LoRA's strength (default: the strength slider)
            ) -> int | None:
-    "Preview at `guidance`: a live run gets a control.json request (returns its id); otherwise `render` runs."
+    "Preview at `guidance` and LoRA strength `scale`: a live run gets a control.json request (returns its id); otherwise `render` runs."
     self.refresh()
     g = _guidance_values(self.preview_values() if guidance is None else guidance)
+    s = float(self.strength.value if scale is None else scale)
     if self.live:
-        rid = request_preview(self.run.control_path, g)
-        self.pending[rid] = dict(id=rid, guidance=g, time=time.time())
-        self.preview_note.value = html.escape(f"request #{rid} at guidance {', '.join(f'{x:g}' for x in g)} sent: "
-                                              "the run renders it between steps")
+        rid = request_preview(self.run.control_path, g, None if s == 1 else s)
+        self.pending[rid] = dict(id=rid, guidance=g, time=time.time(), **({} if s == 1 else {"scale": s}))
+        self.preview_note.value = html.escape(f"request #{rid} at guidance {', '.join(f'{x:g}' for x in g)}"
+                                              f"{f', LoRA strength {s:g}' if s != 1 else ''} sent: the run renders it between steps")
         return rid
     if self.render is None: self.render = self._config_renderer()  # the run's own checkpoints (finished or dead)
     if self.render is None:
         raise RuntimeError("no run is live in " + (str(self.run.root) if self.run else "(no output_dir)") +
                            " and no render function was given: pass render=... to preview from the latest checkpoint")
-    self._start_render(g)
+    self._start_render(g, s)
     return None
 
 @patch
@@ -1022,7 +1043,7 @@ def shown(self: GuidancePanel) -> dict | None:
 
 # %% ../nbs/15_panels.ipynb #d87251d3
 @patch
-def _start_render(self: GuidancePanel, g: list):
+def _start_render(self: GuidancePanel, g: list, scale: float = 1.0):
     if self._render_thread is not None and self._render_thread.is_alive():
         raise RuntimeError("a preview is still rendering; wait for it")
     from flux2_kit.checkpoint import latest_checkpoint, checkpoint_step
@@ -1034,7 +1055,7 @@ def _start_render(self: GuidancePanel, g: list):
     def job():
         try:
             t0 = time.time()
-            imgs = self.render(list(g))
+            imgs = self.render(list(g)) if scale == 1 else self.render(list(g), scale=scale)
             if not isinstance(imgs, Mapping) or not imgs:
                 raise TypeError(f"render({g}) must return a non-empty {{name: PIL image}}, got {type(imgs).__name__}")
             images = [(str(n), _png(im)) for n, im in imgs.items()]
@@ -1122,7 +1143,7 @@ def checkpoint_renderer(config,  # the run's Config or config path (its output_d
                        ) -> Callable:
     "render(guidance_list) -> {name: PIL image}: the prompt library rendered with a checkpoint's LoRA, for `GuidancePanel`."
     state = {}  # 'trainer', 'loaded' (the checkpoint folder whose LoRA is in the model)
-    def render(guidance: list) -> dict:
+    def render(guidance: list, scale: float = 1.0) -> dict:
         from flux2_kit.checkpoint import latest_checkpoint, load_checkpoint
         from flux2_kit.lora import adapter_name_of, unwrap_model
         from flux2_kit.trainer import Trainer
@@ -1147,7 +1168,7 @@ def checkpoint_renderer(config,  # the run's Config or config path (its output_d
                 raise ValueError(f"{ck}: LoRA keys {res.unexpected_keys[:3]} do not fit this config's LoRA "
                                  "(lora_rank / flux_lora_target changed?): render with the config the run used")
             t.step, state["loaded"] = sd["step"], ck
-        ims = t.preview(guidance=_guidance_values(guidance), write=False)
+        ims = t.preview(guidance=_guidance_values(guidance), write=False, scale=None if scale == 1 else scale)
         return {k: v for k, v in ims.items() if base or not k.startswith(BASE_PREFIX)}
     render.state = state
     return render

@@ -65,6 +65,7 @@ def preview(pipe,  # from `validation_pipeline`
             resolution: int | str | tuple = 1024,  # validation_resolution
             steps: int = 20,  # validation_num_inference_steps
             use_lora: bool = True,  # False: the base model (adapters disabled for the call, then re-enabled)
+            lora_scale: float = 1.0,  # the LoRA's strength (0: the base model's output, through the LoRA path)
             negative_embeds: torch.Tensor | None = None,  # klein CFG: embeds of "" (default: embeds[""])
             ref_images: Mapping[str, list] | None = None,  # edit LoRAs: name -> reference PIL images
             dtype: torch.dtype | None = None,  # dtype for the embeds (default: the transformer's)
@@ -92,6 +93,7 @@ def preview(pipe,  # from `validation_pipeline`
             if cfg: kw["negative_prompt_embeds"] = _embed({"": negative_embeds}, "", "negative", device, dtype)
             if ref_images and name in ref_images: kw["image"] = list(ref_images[name])
             if pipe.vae.dtype != dtype: kw["callback_on_step_end"] = _latents_to(pipe.vae.dtype)
+            if use_lora and lora_scale != 1: kw["attention_kwargs"] = {"scale": float(lora_scale)}
             images[name] = pipe(**kw).images[0]
         return images
     finally:

@@ -282,11 +282,17 @@ def validate_control(c: Mapping,  # control data as read or about to be written
         out["preview_guidance"] = _guidance_list(out["preview_guidance"], f"{where}: 'preview_guidance'")
     pn = out["preview_now"]
     if pn is not None:
-        if not isinstance(pn, Mapping) or set(pn) != {"id", "guidance"}:
-            raise ControlError(f"{where}: 'preview_now' must be null or {{'id': int, 'guidance': [..]}}, got {pn!r}")
+        if not isinstance(pn, Mapping) or not {"id", "guidance"} <= set(pn) <= {"id", "guidance", "scale"}:
+            raise ControlError(f"{where}: 'preview_now' must be null or {{'id': int, 'guidance': [..], 'scale': LoRA strength "
+                               f"(optional)}}, got {pn!r}")
         if not isinstance(pn["id"], int) or isinstance(pn["id"], bool) or pn["id"] < 1:
             raise ControlError(f"{where}: 'preview_now.id' must be an integer >= 1, got {pn['id']!r}")
         out["preview_now"] = {"id": pn["id"], "guidance": _guidance_list(pn["guidance"], f"{where}: 'preview_now.guidance'")}
+        s = pn.get("scale")
+        if s is not None:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 4:
+                raise ControlError(f"{where}: 'preview_now.scale' must be a LoRA strength between 0 and 4, got {s!r}")
+            out["preview_now"]["scale"] = float(s)
     return out
 
 def _read_small_regular(path: Path, cap: int) -> str:
@@ -329,11 +335,13 @@ def write_control(path: str | os.PathLike,  # control.json
 
 def request_preview(path: str | os.PathLike,  # control.json
                     guidance,  # a guidance scale or a list of them
+                    scale: float | None = None,  # the LoRA's strength (None: 1)
                    ) -> int:
-    "Ask the run for a preview now at `guidance`; returns the request id (one more than the previous request's)."
+    "Ask the run for a preview now at `guidance` (and LoRA strength `scale`); returns the request id (one more than the previous request's)."
     try: last = (read_control(path)["preview_now"] or {}).get("id", 0)
     except ControlError: last = 0
-    new = write_control(path, preview_now={"id": last + 1, "guidance": guidance})
+    req = {"id": last + 1, "guidance": guidance, **({} if scale is None else {"scale": scale})}
+    new = write_control(path, preview_now=req)
     return new["preview_now"]["id"]
 
 def reset_control(path: str | os.PathLike):  # control.json
@@ -415,9 +423,9 @@ class RunDir:
     def write_control(self, **changes) -> dict | None:  # keys of CONTROL_DEFAULTS
         "Update control.json atomically (panels)."
         return write_control(self.control_path, **changes) if self.is_main else None
-    def request_preview(self, guidance) -> int | None:  # a guidance scale or a list
+    def request_preview(self, guidance, scale=None) -> int | None:  # a guidance scale or a list; the LoRA strength
         "Ask the run for a preview now; returns the request id."
-        return request_preview(self.control_path, guidance) if self.is_main else None
+        return request_preview(self.control_path, guidance, scale) if self.is_main else None
     def reset_control(self) -> dict | None:
         "Reset control.json to the defaults (the trainer, at run start)."
         return reset_control(self.control_path) if self.is_main else None

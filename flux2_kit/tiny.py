@@ -155,13 +155,15 @@ def build_flux2_tiny(path,  # folder to write (created; must be empty or absent 
                      size: str = "tiny",  # "tiny" or "small"
                      seed: int = 0,  # same seed, same weights, bit for bit
                      overwrite: bool = False,  # replace an existing folder
+                     distilled: bool = False,  # klein: mark it step-distilled (is_distilled: no CFG), like FLUX.2-klein-4B
                     ) -> Path:
     "Build flux2-tiny and save it in the diffusers layout at `path`; written to a temp folder and renamed into place."
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True or choose another folder")
+    if distilled and flavour != "klein": raise ValueError("only klein has a distilled flux2-tiny (FLUX.2-dev ships one model)")
     parts = build_components(flavour, size, seed)
-    pipe = pipeline_class(flavour)(**parts)
+    pipe = pipeline_class(flavour)(**parts, **(dict(is_distilled=True) if distilled else {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -182,10 +184,13 @@ def default_home() -> Path:
 
 TINY_VERSION = 1  # bump when the builder changes, so cached builds are rebuilt
 
-def flux2_tiny(flavour: str = "dev", size: str = "tiny", seed: int = 0, root=None) -> Path:
+def flux2_tiny(flavour: str = "dev", size: str = "tiny", seed: int = 0, root=None,
+               distilled: bool = False,  # klein: the "distilled" sibling (its own weights, seed + 1, and is_distilled)
+              ) -> Path:
     "Path of a saved flux2-tiny, built once and then reused (under `root`, default `default_home()/models`)."
     _check(flavour, size)
     root = Path(root) if root is not None else default_home() / "models"
-    path = root / f"flux2-{size}-{flavour}-s{seed}-v{TINY_VERSION}"
-    if not (path / "model_index.json").exists(): build_flux2_tiny(path, flavour, size, seed, overwrite=True)
+    seed = seed + 1 if distilled else seed
+    path = root / f"flux2-{size}-{flavour}{'-distilled' if distilled else ''}-s{seed}-v{TINY_VERSION}"
+    if not (path / "model_index.json").exists(): build_flux2_tiny(path, flavour, size, seed, overwrite=True, distilled=distilled)
     return path

@@ -70,7 +70,8 @@ class Trainer:
         self.tables = self.text_encoder = self.vae = self.text_cache = self.transformer = None
         self.latent_caches, self.lora_info, self.optimizer, self.lr_scheduler = {}, None, None, None
         self.sampler = self.generator = self.router = None
-        self.base_preview = None  # {prompt name: image} of the base model: rendered once per run, the first grid row
+        self.base_preview = self.base_preview_on = None  # the base model's images ({prompt name: image}), once per run; on validation_model
+        self._second = None  # validation_model's pipeline, steps, guidance (loaded on first use)
         self._rundir = self._sched = None
         self._memory_plan = _CONFIG  # not planned yet
         self._begun = False  # before_fit ran: a run segment is open until `finish`
@@ -617,8 +618,9 @@ def preview(self: Trainer,
             guidance: float | list | None = None,  # override validation_guidance; a list renders one image per value
             write: bool = True,  # write previews/step-NNNNNN/ and a 'preview' event (rank 0)
             request_id: int | None = None,  # the control.json preview request being answered
+            scale: float | None = None,  # the LoRA's strength for this request (None: 1, plus validation_lora_scales' rows)
            ) -> dict:
-    "Render the prompt library with the current LoRA (and, once per run, the base model); returns `{file name: image}`."
+    "Render the prompt library with the current LoRA (the base model once per run; the strength sweep and the second model when set); returns `{file name: image}`."
     from flux2_kit.preview import make_grid
     c = self.cfg
     self.check()
@@ -630,33 +632,40 @@ def preview(self: Trainer,
     values = [c.validation_guidance] if guidance is None else ([guidance] if isinstance(guidance, (int, float)) else list(guidance))
     images, row = {}, None
     for g in values:
-        row = render(g)
-        images.update({preview_image_name(n, None if guidance is None else g): im for n, im in row.items()})
+        row = render(g, scale=1.0 if scale is None else scale)
+        images.update({preview_image_name(n, None if guidance is None else g, scale): im for n, im in row.items()})
     if self.base_preview is None:  # the base model once per run; at step 0 a no-op adapter *is* the base model
-        same = guidance is None and self.step == 0 and self.resumed_from is None and c.lora_init_type == "default"
+        same = guidance is None and scale is None and self.step == 0 and self.resumed_from is None and c.lora_init_type == "default"
         self.base_preview = row if same else render(c.validation_guidance, use_lora=False)
         images.update({preview_image_name(n, base=True): im for n, im in self.base_preview.items()})
+    rows = None
+    if guidance is None and scale is None:  # the scheduled preview: its grid, the strength sweep, the second model
+        rows = [("base = step 0" if row is self.base_preview else "base", self.base_preview)]
+        if row is not self.base_preview: rows.append((f"step {self.step}", row))
+        for s in c.validation_lora_scales or []:
+            if s == 1: continue
+            ims = render(c.validation_guidance, scale=s)
+            images.update({preview_image_name(n, scale=s): im for n, im in ims.items()})
+            rows.append((f"step {self.step} x{s:g}", ims))
+        if c.validation_model: rows += _second_model_rows(self, images)
     if not self.is_main: return {}
-    grid = None
-    if guidance is None:  # this step's grid: the base row, then this step's row (memory and disk stay per step)
-        label = f"base = step 0" if row is self.base_preview else "base"
-        rows = [(label, self.base_preview)] + ([] if row is self.base_preview else [(f"step {self.step}", row)])
-        grid = make_grid(rows, columns=list(prompts))
-    if write:
-        self.rundir.save_previews(self.step, images, grid=grid, guidance=values, request_id=request_id,
+    if write:  # this step's grid only: memory and disk stay per step
+        grid = None if rows is None else make_grid(rows, columns=list(prompts))
+        self.rundir.save_previews(self.step, images, grid=grid, guidance=values, request_id=request_id, scale=scale,
                                   prompts=prompts, files={n: preview_image_name(n) for n in prompts},
                                   seconds=round(time.perf_counter() - t0, 3))
     return images
 
-def _renderer(self: Trainer):
-    "`render(guidance, use_lora=True) -> {prompt name: image}` with the run's validation settings."
+def _renderer(self: Trainer, pipe=None, steps=None, negative=True):
+    "`render(guidance, use_lora=True, scale=1.0) -> {prompt name: image}` with the run's validation settings."
     from flux2_kit.preview import preview, validation_pipeline
     c = self.cfg
-    pipe = validation_pipeline(self.transformer, self.vae, _scheduler(self))
-    neg = self.text_cache[c.validation_negative_prompt] if c.validation_negative_prompt and c.is_klein else None
+    pipe = pipe or validation_pipeline(self.transformer, self.vae, _scheduler(self))
+    neg = self.text_cache[c.validation_negative_prompt] if negative and c.validation_negative_prompt and c.is_klein else None
     kw = dict(seed=c.effective_validation_seed, resolution=c.validation_resolutions[0],
-              steps=c.validation_num_inference_steps, negative_embeds=neg)
-    return lambda g, use_lora=True: preview(pipe, self.validation_prompts, self.text_cache, guidance=g, use_lora=use_lora, **kw)
+              steps=steps or c.validation_num_inference_steps, negative_embeds=neg)
+    return lambda g, use_lora=True, scale=1.0: preview(pipe, self.validation_prompts, self.text_cache, guidance=g,
+                                                       use_lora=use_lora, lora_scale=scale, **kw)
 
 def _scheduler(self: Trainer):
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -665,6 +674,47 @@ def _scheduler(self: Trainer):
         self._sched = FlowMatchEulerDiscreteScheduler.from_pretrained(resolve_model_path(self.cfg.model_path),
                                                                       subfolder="scheduler", revision=self.cfg.revision)
     return self._sched
+
+# %% ../nbs/11_trainer.ipynb #8d4a00cb
+def _second_model(self: Trainer):
+    "`(pipeline, tag, steps, guidance)` of `validation_model` with this run's LoRA copied in (loaded once, on first use)."
+    import json as _json
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from peft import set_peft_model_state_dict
+    from flux2_kit.lora import adapter_name_of, build_lora, lora_state_dict, unwrap_model
+    from flux2_kit.models import load_transformer, resolve_model_path
+    from flux2_kit.preview import validation_pipeline
+    c = self.cfg
+    if self._second is None:
+        path = resolve_model_path(c.validation_model)
+        tr = load_transformer(path, precision=c.base_model_precision, default_dtype=c.base_model_default_dtype,
+                              device=self.accelerator.device, quantize_via=c.quantize_via, revision=c.revision)
+        info = self.lora_info
+        build_lora(tr, list(info.targets), rank=c.lora_rank, alpha=c.effective_lora_alpha, lora_type=c.lora_type, use_dora=c.use_dora)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=c.revision)
+        idx = Path(path) / "model_index.json"
+        distilled = bool(_json.loads(idx.read_text()).get("is_distilled")) if idx.is_file() else False
+        name = c.validation_model.split(":")[-1] if c.validation_model.startswith("flux2-") else Path(str(c.validation_model)).name
+        self._second = dict(pipe=validation_pipeline(tr, self.vae, sched, is_distilled=distilled), tag=name,
+                            steps=c.validation_model_num_inference_steps or (4 if distilled else c.validation_num_inference_steps),
+                            guidance=c.validation_model_guidance if c.validation_model_guidance is not None else
+                                     (1.0 if distilled else c.validation_guidance))
+    tr = self._second["pipe"].transformer
+    set_peft_model_state_dict(tr, lora_state_dict(self.transformer), adapter_name=adapter_name_of(tr))  # this step's LoRA
+    return self._second
+
+def _second_model_rows(self: Trainer, images: dict) -> list:
+    "Grid rows (and files) of the LoRA on `validation_model`: its base row once per run, and this step's."
+    m = _second_model(self)
+    render = _renderer(self, m["pipe"], m["steps"], negative=not m["pipe"].config.get("is_distilled", False))
+    rows = []
+    if self.base_preview_on is None:
+        self.base_preview_on = render(m["guidance"], use_lora=False)
+        images.update({preview_image_name(n, base=True, model=m["tag"]): im for n, im in self.base_preview_on.items()})
+    rows.append((f"{m['tag']}", self.base_preview_on))
+    ims = render(m["guidance"])
+    images.update({preview_image_name(n, model=m["tag"]): im for n, im in ims.items()})
+    return rows + [(f"{m['tag']} + LoRA", ims)]
 
 # %% ../nbs/11_trainer.ipynb #e22e8baf
 @patch
@@ -873,17 +923,20 @@ class ControlCB(Callback):
             from accelerate.utils import broadcast
             flags = broadcast(x, from_process=0).tolist()
         return dict(stop=bool(flags[0]), pause=bool(flags[1]), req=req, req_id=flags[2])
+    def _answer(self, t, s):
+        "Render a preview request (every rank takes part under FSDP2; rank 0 knows the request)."
+        req = s["req"] or {}
+        t.preview(guidance=req.get("guidance") or [t.cfg.validation_guidance], request_id=s["req_id"], scale=req.get("scale"))
+        t.rundir.log_event("control", action="preview_now", request_id=s["req_id"])
     def after_step(self, t):
         if not t.last.synced: return
         s = self._state(t)
-        if s["req_id"] >= 0:
-            t.preview(guidance=(s["req"] or {}).get("guidance") or [t.cfg.validation_guidance], request_id=s["req_id"])
-            t.rundir.log_event("control", action="preview_now", request_id=s["req_id"])
+        if s["req_id"] >= 0: self._answer(t, s)
         if s["pause"] and not s["stop"]:
             t.rundir.log_event("control", action="pause")
             while s["pause"] and not s["stop"]:
                 time.sleep(self.poll_s); s = self._state(t)
-                if s["req_id"] >= 0: t.preview(guidance=(s["req"] or {}).get("guidance"), request_id=s["req_id"])
+                if s["req_id"] >= 0: self._answer(t, s)
             t.rundir.log_event("control", action="resume")
         if s["stop"]:
             t.rundir.log_event("control", action="stop")
