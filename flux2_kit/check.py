@@ -4,7 +4,7 @@
 
 # %% ../nbs/11a_check.ipynb #655c32df
 from __future__ import annotations
-import os, re
+import json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
