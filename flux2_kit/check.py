@@ -321,8 +321,7 @@ def _used(rd: RunDir, scan) -> list:
     damaged = [p for p in scan.skipped if (p / MARKER).exists()]  # a folder without the marker is junk, not a run
     if damaged: out.append(f"{len(damaged)} damaged checkpoint(s)")
     if rd.lora_dir.is_dir() and any(rd.lora_dir.iterdir()): out.append("an exported LoRA in lora/")
-    if rd.run_json.exists(): out.append("run.json")
-    if rd.events_path.exists() and rd.events_path.stat().st_size: out.append("events.jsonl")
+    if rd.run_json.exists(): out.append("run.json")  # (events.jsonl alone is not a run: a cache-only Trainer writes one)
     return out
 
 # %% ../nbs/11a_check.ipynb #2dd6169c

@@ -311,7 +311,8 @@ class LaunchHandle:
         self.process.join(timeout)
         if self.process.is_alive(): raise TimeoutError(f"the run is still going after {timeout} s (handle.stop() ends it)")
         res = self.results()
-        bad = [r for r in res if r.get("status") == "error"]
+        bad = sorted((r for r in res if r.get("status") == "error"),  # the cause first: the others were terminated for it
+                     key=lambda r: (r["error"].startswith("SignalException"), r["rank"]))
         if bad or self.process.exitcode != 0 or len(res) != self.num_processes:
             first = bad[0] if bad else None
             launcher = self.job_dir / "launcher.txt"

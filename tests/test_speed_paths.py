@@ -109,9 +109,13 @@ def test_group_offload_same_loss_and_grads(tiny_dev, batch, kind):
 TREAD = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]}
 
 
+_RUNS = iter(range(10**6))
+
 def _trainer(workdir, **kw):
+    "A Trainer on the shared data and caches of `workdir`, in an output_dir of its own (one run per directory)."
     from flux2_kit.trainer import Trainer, tiny_config
-    return Trainer(tiny_config(workdir, **kw), default_callbacks=False, progress=False)
+    return Trainer(tiny_config(workdir, output_dir=str(workdir / f"output-{next(_RUNS)}"), **kw), default_callbacks=False,
+                   progress=False)
 
 
 def _run(t, n):

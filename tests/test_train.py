@@ -129,9 +129,9 @@ def test_trainer_step_limit_keeps_data_order(tmp_path):
     first = _names(t.train_epoch(max_steps=n))
     assert t.step == n and len(first) == n
     assert t.data_sampler.position == n  # nothing drawn beyond the last trained batch
-    t.save()
+    ck = t.save()
     again = _names(_train_to(t, 2 * n))
     assert first + again == straight
-    resumed = _trainer(tmp_path / "split")  # same output_dir: resume the checkpoint at step n
-    assert resumed.resume("latest") is not None and resumed.step == n
+    resumed = _trainer(tmp_path / "resumed")  # `t` still owns its output_dir: continue its step-n checkpoint in another
+    assert resumed.resume(ck) == ck and resumed.step == n
     assert first + _names(_train_to(resumed, 2 * n)) == straight
