@@ -8,7 +8,9 @@ import hashlib, json, math, zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import numpy as np
-from .data import DataError, DataReport, Item, _get, _sid, _choice, scan_dataset, latent_requests
+from fastcore.basics import patch
+from .config import spec_get, spec_id
+from .data import DataError, DataReport, Item, spec_choice, scan_dataset, latent_requests
 
 # %% auto #0
 __all__ = ['RESOLUTION_TYPES', 'ALIGNMENT', 'AREA_REMAP', 'CROP_STYLES', 'CROP_ASPECTS', 'MAX_UPSCALE', 'align', 'aspect_ratio',
@@ -61,8 +63,8 @@ def _rng(seed:int, *parts) -> np.random.Generator:
 
 def _bucket_config(spec, base=None) -> dict:
     "The validated bucketing keys of `spec` (missing keys fall back to `base`, then SimpleTuner's defaults)."
-    sid = _sid(spec)
-    def g(k, d=None): return _get(spec, k, _get(base, k, d))
+    sid = spec_id(spec)
+    def g(k, d=None): return spec_get(spec, k, spec_get(base, k, d))
     rt = g("resolution_type", "pixel_area")
     if rt not in RESOLUTION_TYPES: raise DataError(f"dataset {sid!r}: resolution_type {rt!r} is not one of {RESOLUTION_TYPES}")
     res = g("resolution", 1024)
@@ -198,11 +200,11 @@ def _attach_refs(items, spec, conditioning, report, seed):
     sets = []
     for entry in conditioning:
         cspec, citems, crep = (tuple(entry) + (None,))[:3]
-        cid = _sid(cspec)
-        if _get(cspec, "dataset_type", "conditioning") != "conditioning":
-            raise DataError(f"dataset {_sid(spec)!r}: conditioning_data names {cid!r}, whose dataset_type is "
-                            f"{_get(cspec, 'dataset_type')!r}; set its dataset_type to 'conditioning'")
-        ctype = _choice(cspec, "conditioning_type", "reference_strict", ("reference_strict", "reference_loose"),
+        cid = spec_id(cspec)
+        if spec_get(cspec, "dataset_type", "conditioning") != "conditioning":
+            raise DataError(f"dataset {spec_id(spec)!r}: conditioning_data names {cid!r}, whose dataset_type is "
+                            f"{spec_get(cspec, 'dataset_type')!r}; set its dataset_type to 'conditioning'")
+        ctype = spec_choice(cspec, "conditioning_type", "reference_strict", ("reference_strict", "reference_loose"),
                         " (FLUX.2 trains on reference images)")
         sets.append(dict(id=cid, type=ctype, cfg=_bucket_config(cspec, base=spec), by_key={c.key: c for c in citems},
                          skipped={s.key: s for s in (crep.skipped if crep else []) if s.key}, used=set()))
@@ -232,16 +234,16 @@ def _attach_refs(items, spec, conditioning, report, seed):
         elif len(refs) == len(sets): keep.append(replace(it, refs=tuple(refs)))
     for cid, names in unmatched.items():
         if names:
-            raise DataError(f"dataset {_sid(spec)!r}: {len(names)} image(s) have no reference in conditioning dataset "
+            raise DataError(f"dataset {spec_id(spec)!r}: {len(names)} image(s) have no reference in conditioning dataset "
                             f"{cid!r}: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}. Pairs match by "
                             "file name without extension (relative to each folder); add the references or remove the images")
     if mismatched:
-        raise DataError(f"dataset {_sid(spec)!r}: reference_strict pairs need the same aspect ratio, these differ: "
+        raise DataError(f"dataset {spec_id(spec)!r}: reference_strict pairs need the same aspect ratio, these differ: "
                         f"{'; '.join(mismatched[:20])}. Use conditioning_type 'reference_loose' or fix the files")
     for s in sets:
         for k, r in s["by_key"].items():
             if k not in s["used"]:
-                report.warn(r.path, "reference_unused", f"no image in dataset {_sid(spec)!r} has this name; "
+                report.warn(r.path, "reference_unused", f"no image in dataset {spec_id(spec)!r} has this name; "
                             "the reference is not used", k)
     return keep
 
@@ -256,7 +258,7 @@ def make_buckets(items:list, # Items from `scan_dataset`
                  conditioning_multidataset_sampling:str=None, # "combined" or "random" (default: spec, else "random")
                 ) -> BucketTable:
     "Give every item a target size and crop box (and its references), grouped into buckets."
-    cfg, sid = _bucket_config(spec), _sid(spec)
+    cfg, sid = _bucket_config(spec), spec_id(spec)
     report = report if report is not None else DataReport(sid, found=len(items), kept=len(items))
     out = [replace(it, target=t, crop=c) for it in items
            for t, c in [geometry(it.size, cfg, _rng(seed, "crop", sid, it.key))]]
@@ -265,15 +267,15 @@ def make_buckets(items:list, # Items from `scan_dataset`
         if s > MAX_UPSCALE:
             report.warn(it.path, "upscaled", f"{it.size[0]}x{it.size[1]} is upscaled {s:.1f}x to {it.target[0]}x"
                         f"{it.target[1]}: it will look blurry; use a larger image or set minimum_image_size", it.key)
-    mode = conditioning_multidataset_sampling or _get(spec, "conditioning_multidataset_sampling", "random")
+    mode = conditioning_multidataset_sampling or spec_get(spec, "conditioning_multidataset_sampling", "random")
     if mode not in ("combined", "random"):
         raise DataError(f"conditioning_multidataset_sampling {mode!r} is not one of ('combined', 'random')")
     loose = False
     if conditioning:
         out = _attach_refs(out, spec, conditioning, report, seed)
-        loose = any(_get(c[0], "conditioning_type", "reference_strict") == "reference_loose" for c in conditioning)
+        loose = any(spec_get(c[0], "conditioning_type", "reference_strict") == "reference_loose" for c in conditioning)
     report.kept = len(out)
-    return BucketTable(sid, out, _group(out, loose), cfg["repeats"], float(_get(spec, "caption_dropout_probability", 0.0)),
+    return BucketTable(sid, out, _group(out, loose), cfg["repeats"], float(spec_get(spec, "caption_dropout_probability", 0.0)),
                        mode, {k: v for k, v in cfg.items()}, report)
 
 def _group(items:list, loose:bool) -> list:
@@ -285,7 +287,8 @@ def _group(items:list, loose:bool) -> list:
     return [Bucket(_label(k[0], k[1], loose), k[0], k[1], v) for k, v in sorted(groups.items(), key=key)]
 
 # %% ../nbs/04b_buckets.ipynb #597b71d4
-def _rows(self:BucketTable, max_paths:int=8) -> list:
+@patch
+def rows(self:BucketTable, max_paths:int=8) -> list:
     "One dict per bucket: size, aspect, images, samples per epoch, sample paths and their crop boxes."
     out = []
     for b in self.buckets:
@@ -296,7 +299,8 @@ def _rows(self:BucketTable, max_paths:int=8) -> list:
                         crops=[list(it.crop) for it in its[:max_paths]]))
     return out
 
-def _item_rows(self:BucketTable) -> list:
+@patch
+def item_rows(self:BucketTable) -> list:
     "One dict per image: path, key, displayed size, bucket, crop box, target, scale (>1 means upscaled), caption."
     out = []
     for b in self.buckets:
@@ -308,10 +312,9 @@ def _item_rows(self:BucketTable) -> list:
                             caption=it.caption, refs=[x.path for x in it.refs]))
     return out
 
-BucketTable.rows, BucketTable.item_rows = _rows, _item_rows
-
 # %% ../nbs/04b_buckets.ipynb #cf2cd62a
-def _prompts(self:BucketTable) -> list:
+@patch
+def prompts(self:BucketTable) -> list:
     "Every distinct caption variant (plus '' when caption dropout is on): what the text-embedding cache encodes."
     seen = {}
     for it in self.items:
@@ -319,22 +322,22 @@ def _prompts(self:BucketTable) -> list:
     if self.caption_dropout_probability > 0: seen.setdefault("", None)
     return list(seen)
 
-def _fingerprint(self:BucketTable) -> str:
+@patch
+def fingerprint(self:BucketTable) -> str:
     "A short hash of what the sampler depends on (items, geometry, references, repeats): detects a changed dataset."
     h = hashlib.sha256(json.dumps([self.repeats, [[it.key, it.target, it.crop, [r.key for r in it.refs]]
                                                   for it in self.items]], default=list).encode())
     return h.hexdigest()[:16]
 
-def _table_latent_requests(self:BucketTable, refs:bool=True) -> list:
+@patch
+def latent_requests(self:BucketTable, refs:bool=True) -> list:
     "The distinct (path, crop, target) latents this table needs (see `flux2_kit.data.latent_requests`)."
     return latent_requests(self.items, refs)
 
-def _repr(self:BucketTable) -> str:
+@patch
+def __repr__(self:BucketTable) -> str:
     return (f"BucketTable({self.dataset_id!r}: {len(self.items)} images, {self.samples} samples/epoch, "
             f"{len(self.buckets)} buckets: " + ", ".join(f"{b.label} x{len(b.indices)}" for b in self.buckets) + ")")
-
-BucketTable.prompts, BucketTable.fingerprint, BucketTable.latent_requests = _prompts, _fingerprint, _table_latent_requests
-BucketTable.__repr__ = _repr
 
 # %% ../nbs/04b_buckets.ipynb #f449dbee
 def drop_items(table:BucketTable, # a dataset's table
@@ -406,6 +409,7 @@ class BucketBatchSampler:
                      dropped=len(b.indices) * n % self.batch_size) for b in self.table.buckets]
 
 # %% ../nbs/04b_buckets.ipynb #54c2cbc4
+@patch
 def _epoch_batches(self:BucketBatchSampler, epoch:int) -> list:
     "All of this rank's batches of `epoch`, in order."
     rng = _rng(self.seed, "sampler", epoch)
@@ -419,11 +423,13 @@ def _epoch_batches(self:BucketBatchSampler, epoch:int) -> list:
     batches = batches[:len(batches) // self.num_replicas * self.num_replicas]
     return batches[self.rank::self.num_replicas]
 
-def _len(self:BucketBatchSampler) -> int:
+@patch
+def __len__(self:BucketBatchSampler) -> int:
     "Batches per epoch for this rank."
     return sum(r["batches"] for r in self.plan()) // self.num_replicas
 
-def _iter(self:BucketBatchSampler):
+@patch
+def __iter__(self:BucketBatchSampler):
     "Yield the rest of the current epoch, then move to the next epoch."
     if self.position >= len(self): self.epoch, self.position = self.epoch + 1, 0
     batches = self._epoch_batches(self.epoch)
@@ -432,20 +438,20 @@ def _iter(self:BucketBatchSampler):
         yield batches[self.position - 1]
     self.epoch, self.position = self.epoch + 1, 0
 
-def _set_epoch(self:BucketBatchSampler, epoch:int):
+@patch
+def set_epoch(self:BucketBatchSampler, epoch:int):
     "Start `epoch` from its beginning (like DistributedSampler.set_epoch)."
     self.epoch, self.position = epoch, 0
 
-BucketBatchSampler._epoch_batches, BucketBatchSampler.__len__, BucketBatchSampler.__iter__ = _epoch_batches, _len, _iter
-BucketBatchSampler.set_epoch = _set_epoch
-
 # %% ../nbs/04b_buckets.ipynb #3df89be7
-def _state_dict(self:BucketBatchSampler, position:int=None) -> dict:
+@patch
+def state_dict(self:BucketBatchSampler, position:int=None) -> dict:
     "The sampler's state; `position` overrides the batches consumed in this epoch (for prefetching loaders)."
     return dict(seed=self.seed, epoch=self.epoch, position=self.position if position is None else position,
                 batch_size=self.batch_size, num_replicas=self.num_replicas, fingerprint=self.table.fingerprint())
 
-def _load_state_dict(self:BucketBatchSampler, state:dict):
+@patch
+def load_state_dict(self:BucketBatchSampler, state:dict):
     "Resume from `state_dict()`: the next batches are exactly those that were left."
     fp = self.table.fingerprint()
     if state["fingerprint"] != fp:
@@ -458,8 +464,6 @@ def _load_state_dict(self:BucketBatchSampler, state:dict):
                             f"resume with {k}={state[k]}")
     self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
     return self
-
-BucketBatchSampler.state_dict, BucketBatchSampler.load_state_dict = _state_dict, _load_state_dict
 
 # %% ../nbs/04b_buckets.ipynb #df4c6835
 def pick_caption(item:Item, # the sample
@@ -480,29 +484,29 @@ def prepare_datasets(specs:list, # SimpleTuner dataset entries (dicts or Dataset
                      max_pixels:int=None, # decompression-bomb limit
                     ) -> dict:
     "Scan, pair and bucket every enabled image dataset: `{dataset id: BucketTable}`."
-    specs = [s for s in specs if not (_get(s, "disabled", False) or _get(s, "disable", False))]
+    specs = [s for s in specs if not (spec_get(s, "disabled", False) or spec_get(s, "disable", False))]
     by_id = {}
     for s in specs:
-        if _sid(s) in by_id: raise DataError(f"two datasets have the id {_sid(s)!r}; ids must be unique")
-        by_id[_sid(s)] = s
+        if spec_id(s) in by_id: raise DataError(f"two datasets have the id {spec_id(s)!r}; ids must be unique")
+        by_id[spec_id(s)] = s
     tables, scans = {}, {}
     def scan(s):
-        if _sid(s) not in scans: scans[_sid(s)] = scan_dataset(s, num_workers=num_workers, max_pixels=max_pixels)
-        return scans[_sid(s)]
+        if spec_id(s) not in scans: scans[spec_id(s)] = scan_dataset(s, num_workers=num_workers, max_pixels=max_pixels)
+        return scans[spec_id(s)]
     for s in specs:
-        if _get(s, "dataset_type", "image") != "image": continue
+        if spec_get(s, "dataset_type", "image") != "image": continue
         items, rep = scan(s)
-        links = _get(s, "conditioning_data", [])
+        links = spec_get(s, "conditioning_data", [])
         links = [links] if isinstance(links, str) else list(links)
-        links += [_sid(c) for c in specs if _get(c, "dataset_type") == "conditioning"
-                  and _get(c, "source_dataset_id") == _sid(s) and _sid(c) not in links]
+        links += [spec_id(c) for c in specs if spec_get(c, "dataset_type") == "conditioning"
+                  and spec_get(c, "source_dataset_id") == spec_id(s) and spec_id(c) not in links]
         conds = []
         for cid in links:
             if cid not in by_id:
-                raise DataError(f"dataset {_sid(s)!r}: conditioning_data names {cid!r}, which is not an enabled dataset "
+                raise DataError(f"dataset {spec_id(s)!r}: conditioning_data names {cid!r}, which is not an enabled dataset "
                                 f"id (ids: {sorted(by_id)})")
             citems, crep = scan(by_id[cid])
             conds.append((by_id[cid], citems, crep))
-        tables[_sid(s)] = make_buckets(items, s, conds, rep, seed, conditioning_multidataset_sampling)
+        tables[spec_id(s)] = make_buckets(items, s, conds, rep, seed, conditioning_multidataset_sampling)
     if not tables: raise DataError("no enabled image dataset in the config (dataset_type 'image' or unset)")
     return tables

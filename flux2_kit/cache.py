@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_cache.ipynb #843b1485
 from __future__ import annotations
-import hashlib, json, os, tempfile, time, warnings
+import hashlib, json, time, warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -8,7 +8,9 @@ import json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .config import Config, ConfigError, is_path_name, slug
+from fastcore.basics import patch
+from .config import Config, ConfigError
+from .runlog import slug
 
 # %% auto #0
 __all__ = ['LEVELS', 'MAX_EDGE', 'FIXES', 'Problem', 'CheckError', 'CheckReport', 'check_precision', 'check_model_path',
@@ -60,7 +62,8 @@ class CheckReport:
 def _skipped_text(row: dict, n: int = 3) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(row["skipped"].items(), key=lambda kv: -kv[1])[:n]) or "-"
 
-def _table(self: CheckReport) -> str:
+@patch
+def table(self: CheckReport) -> str:
     "The data scan as a short text table (one row per image dataset)."
     if not self.datasets: return ""
     w = max(7, *(len(r["dataset"]) for r in self.datasets))
@@ -70,13 +73,15 @@ def _table(self: CheckReport) -> str:
         lines.append(f"  {r['dataset']:<{w}}  {r['found']:>5}  {r['kept']:>5}  {b:>13}  {_skipped_text(r)}")
     return "\n".join(lines)
 
-def _report_str(self: CheckReport) -> str:
+@patch
+def __str__(self: CheckReport) -> str:
     lines = [self.table()] if self.datasets else []
     order = {lv: i for i, lv in enumerate(LEVELS)}
     lines += [str(p) for p in sorted(self.problems, key=lambda p: order[p.level])]
     return "\n".join(lines)
 
-def _report_md(self: CheckReport) -> str:
+@patch
+def _repr_markdown_(self: CheckReport) -> str:
     out = []
     if self.datasets:
         out += ["| dataset | found | kept | batches/epoch | skipped |", "|---|---:|---:|---:|---|"]
@@ -84,8 +89,6 @@ def _report_md(self: CheckReport) -> str:
                 f"{_skipped_text(r, 8)} |" for r in self.datasets]
     out += [f"- **{p.level}**: {p.file + ': ' if p.file else ''}{p.message}" for p in self.problems]
     return "\n".join(out) or "nothing to report"
-
-CheckReport.table, CheckReport.__str__, CheckReport._repr_markdown_ = _table, _report_str, _report_md
 
 # %% ../nbs/11a_check.ipynb #172399e9
 def check_precision(cfg: Config,  # the run's config

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10b_checkpoint.ipynb #a847d4b4
 from __future__ import annotations
-import base64, hashlib, json, math, os, random, re, shutil, sys, tempfile, time, warnings
+import base64, json, math, os, random, re, shutil, sys, tempfile, time, warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple

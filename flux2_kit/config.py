@@ -7,15 +7,18 @@ from __future__ import annotations
 import dataclasses, difflib, functools, json, math, os, re, tempfile, types
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from fastcore.basics import patch
+from .runlog import atomic_write_text, is_path_name, slug
 
 # %% auto #0
 __all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'PRECISIONS', 'LORA_TARGET_PRESETS', 'LORA_EXPORT_FORMATS',
            'LR_SCHEDULERS', 'TRACKERS', 'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED',
-           'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError', 'parse_resolutions', 'parse_lora_target',
-           'check_tread_config', 'parse_report_to', 'Config', 'config_keys', 'is_path_name', 'slug', 'DatasetSpec',
-           'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config', 'dataset_defaults',
-           'check_dataset_paths']
+           'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError', 'closest', 'did_you_mean', 'spec_get', 'spec_id',
+           'parse_resolutions', 'parse_lora_target', 'check_tread_config', 'parse_report_to', 'Config', 'config_keys',
+           'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config',
+           'dataset_defaults', 'check_dataset_paths']
 
 # %% ../nbs/02_config.ipynb #f2cbf8c7
 class ConfigError(ValueError):
@@ -185,11 +188,30 @@ def _in_range(x, spec: str) -> bool:
     lo, hi, li, hi_in = _interval(spec)
     return (x >= lo if li else x > lo) and (x <= hi if hi_in else x < hi)
 
-def _did_you_mean(word, options) -> str:
-    "'; did you mean X?' for the closest option (ties: the earliest), or ''."
+def closest(word, options, cutoff: float = 0.6) -> str | None:
+    "The option most like `word` (ties: the earliest), or None below `cutoff`: flux2_kit's one \"did you mean\"."
     scored = [(difflib.SequenceMatcher(None, str(word), str(o)).ratio(), -i, str(o)) for i, o in enumerate(options)]
     best = max(scored, default=None)
-    return f"; did you mean {best[2]!r}?" if best and best[0] >= 0.6 else ""
+    return best[2] if best and best[0] >= cutoff else None
+
+def did_you_mean(word, options, cutoff: float = 0.6, before: str = "; ", after: str = "") -> str:
+    "`'; did you mean X?'` (or `before`...`after` around it) for the closest option, or ''."
+    m = closest(word, options, cutoff)
+    return f"{before}did you mean {m!r}?{after}" if m else ""
+
+
+def spec_get(spec,  # a dict (SimpleTuner's `--key` spelling too) or an object with SimpleTuner key names as attributes
+             key: str,  # the SimpleTuner key
+             default=None,  # returned when the key is missing or None
+            ):
+    "The value of `key` in a config or dataset entry (dict or attribute object); `None` counts as unset."
+    if spec is None: return default
+    v = spec.get(key, spec.get("--" + key)) if isinstance(spec, Mapping) else getattr(spec, key, None)
+    return default if v is None else v
+
+def spec_id(spec) -> str:
+    "A dataset entry's id, for messages."
+    return str(spec_get(spec, "id", "dataset"))
 
 # %% ../nbs/02_config.ipynb #96914877
 def _unsupported_value(name: str, value) -> str | None:
@@ -226,7 +248,7 @@ def _check_value(name: str, value, tp):
             why = _unsupported_value(name, s)
             listed = ", ".join(map(repr, choices))
             raise ConfigError(f"{name!r} = {value!r} is not one of {listed}" +
-                              (f": {why}" if why else _did_you_mean(s, choices)), name, value)
+                              (f": {why}" if why else did_you_mean(s, choices)), name, value)
         v = s
     if name in _RANGES and isinstance(v, (int, float)) and not _in_range(v, _RANGES[name]):
         raise ConfigError(f"{name!r} = {value!r} is out of range: must be {_range_text(_RANGES[name])}", name, value)
@@ -298,7 +320,7 @@ def parse_lora_target(value: str | list[str],  # a preset, a list/comma string o
         names = [s.strip() for s in value.split(",") if s.strip()]
         if len(names) == 1 and not set("._") & set(names[0]):
             raise ConfigError(f"'flux_lora_target' = {value!r} is not a preset ({', '.join(map(repr, LORA_TARGET_PRESETS))})"
-                              f"{_did_you_mean(value, LORA_TARGET_PRESETS)} nor a module name like 'attn.to_q'",
+                              f"{did_you_mean(value, LORA_TARGET_PRESETS)} nor a module name like 'attn.to_q'",
                               "flux_lora_target", value)
     else: names = [str(s).strip() for s in value]
     if not names or not all(names):
@@ -320,7 +342,7 @@ def check_tread_config(tread_config: dict | None,  # {"routes": [{"selection_rat
     where = "'tread_config'"
     for k in tread_config:
         if k != "routes":
-            raise ConfigError(f"{where}: unknown key {k!r}{_did_you_mean(k, ['routes'])} (expected {{\"routes\": [...]}})",
+            raise ConfigError(f"{where}: unknown key {k!r}{did_you_mean(k, ['routes'])} (expected {{\"routes\": [...]}})",
                               "tread_config", tread_config)
     routes = tread_config.get("routes")
     if not isinstance(routes, list) or not routes:
@@ -333,7 +355,7 @@ def check_tread_config(tread_config: dict | None,  # {"routes": [{"selection_rat
         if not isinstance(r, dict): raise ConfigError(f"{at} = {r!r} must be an object", "tread_config", r)
         for k in r:
             if k not in _TREAD_ROUTE_KEYS:
-                raise ConfigError(f"{at}: unknown key {k!r}{_did_you_mean(k, _TREAD_ROUTE_KEYS)}", "tread_config", r)
+                raise ConfigError(f"{at}: unknown key {k!r}{did_you_mean(k, _TREAD_ROUTE_KEYS)}", "tread_config", r)
         missing = [k for k in _TREAD_ROUTE_KEYS if k not in r]
         if missing: raise ConfigError(f"{at} is missing {', '.join(map(repr, missing))}", "tread_config", r)
         try:
@@ -358,7 +380,7 @@ def parse_report_to(value: str,  # "none" | "all" | "tensorboard" | "wandb" | "t
     for n in names:
         if n not in TRACKERS:
             raise ConfigError(f"'report_to' = {value!r}: {n!r} is not one of 'none', 'all', "
-                              f"{', '.join(map(repr, TRACKERS))}{_did_you_mean(n, TRACKERS)}", "report_to", value)
+                              f"{', '.join(map(repr, TRACKERS))}{did_you_mean(n, TRACKERS)}", "report_to", value)
     return list(dict.fromkeys(names))
 
 # %% ../nbs/02_config.ipynb #73407696
@@ -514,7 +536,7 @@ def _check_config(c: Config):
     bad = [f for f in c.lora_export_formats if f not in LORA_EXPORT_FORMATS]
     if bad or not c.lora_export_formats:
         raise ConfigError(f"'lora_export_formats' = {c.lora_export_formats!r}: choose one or more of "
-                          f"{', '.join(map(repr, LORA_EXPORT_FORMATS))}{_did_you_mean(bad[0], LORA_EXPORT_FORMATS) if bad else ''}",
+                          f"{', '.join(map(repr, LORA_EXPORT_FORMATS))}{did_you_mean(bad[0], LORA_EXPORT_FORMATS) if bad else ''}",
                           "lora_export_formats", c.lora_export_formats)
     if c.lora_type != "lora" and c.lora_init_type != "default":
         raise ConfigError(f"'lora_init_type' = {c.lora_init_type!r} applies to lora_type 'lora' only, not {c.lora_type!r}",
@@ -557,55 +579,51 @@ def _config_kwargs(raw: dict) -> dict:
         if canon not in keys:
             if name in SIMPLETUNER_UNSUPPORTED:
                 raise ConfigError(f"{k!r} is a SimpleTuner option that flux2_kit does not implement; remove it", k, v)
-            raise ConfigError(f"unknown key {k!r} (value {v!r}){_did_you_mean(name, keys + tuple(_KEY_ALIASES))}", k, v)
+            raise ConfigError(f"unknown key {k!r} (value {v!r}){did_you_mean(name, keys + tuple(_KEY_ALIASES))}", k, v)
         if canon in out and out[canon] != v:
             raise ConfigError(f"{k!r} = {v!r} and {origin[canon]!r} = {out[canon]!r} both set {canon!r}; keep one", k, v)
         out[canon], origin[canon] = v, k
     return out
 
 # %% ../nbs/02_config.ipynb #5ca1e8e0
-def _cfg_property(fn):
-    "Attach `_name` to Config as the read-only property `name` (keeps the class body to fields)."
-    setattr(Config, fn.__name__.lstrip("_"), property(fn))
-    return fn
-
-@_cfg_property
-def _validation_resolutions(self: Config) -> list[tuple[int, int]]:
+@patch(as_prop=True)
+def validation_resolutions(self: Config) -> list[tuple[int, int]]:
     "`validation_resolution` parsed into [(width, height), ...]."
     return parse_resolutions(self.validation_resolution)
 
-@_cfg_property
-def _model_path(self: Config) -> str:
+@patch(as_prop=True)
+def model_path(self: Config) -> str:
     "`pretrained_model_name_or_path`, or the flavour's default hub id when it is None."
     return self.pretrained_model_name_or_path or DEFAULT_MODEL_PATHS[self.model_flavour]
 
-@_cfg_property
-def _is_klein(self: Config) -> bool:
+@patch(as_prop=True)
+def is_klein(self: Config) -> bool:
     "True for klein flavours (Qwen3 text encoder, no guidance embedding)."
     return self.model_flavour.startswith("klein")
 
-@_cfg_property
-def _lora_target(self: Config) -> tuple[str, str | list[str]]:
+@patch(as_prop=True)
+def lora_target(self: Config) -> tuple[str, str | list[str]]:
     "`flux_lora_target` classified by `parse_lora_target`."
     return parse_lora_target(self.flux_lora_target)
 
-@_cfg_property
-def _effective_lora_alpha(self: Config) -> float:
+@patch(as_prop=True)
+def effective_lora_alpha(self: Config) -> float:
     "`lora_alpha`, or `lora_rank` when it is None."
     return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
-@_cfg_property
-def _trackers(self: Config) -> list[str]:
+@patch(as_prop=True)
+def trackers(self: Config) -> list[str]:
     "`report_to` as a list of trackers (empty for 'none')."
     return parse_report_to(self.report_to)
 
-@_cfg_property
-def _effective_validation_seed(self: Config) -> int:
+@patch(as_prop=True)
+def effective_validation_seed(self: Config) -> int:
     "`validation_seed`, or `seed` when it is None."
     return self.seed if self.validation_seed is None else self.validation_seed
 
 # %% ../nbs/02_config.ipynb #bde65eda
-def _to_dict(self: Config, include_defaults: bool = True) -> dict:
+@patch
+def to_dict(self: Config, include_defaults: bool = True) -> dict:
     "The config as {SimpleTuner key: value}; with `include_defaults=False` only the keys that differ from the default."
     d = {k: _copy(getattr(self, k)) for k in config_keys()}
     if not include_defaults:
@@ -615,49 +633,26 @@ def _to_dict(self: Config, include_defaults: bool = True) -> dict:
 
 def _copy(v): return json.loads(json.dumps(v)) if isinstance(v, (list, dict)) else v
 
-def _replace(self: Config, **changes) -> Config:
+@patch
+def replace(self: Config, **changes) -> Config:
     "A new Config with `changes` (SimpleTuner keys, `--` optional) validated again; a loaded config reloads its files."
     merged = {**self.to_dict(), **_config_kwargs(changes)}
     if self.base_dir is None: return dataclasses.replace(self, **_config_kwargs(merged))  # built in Python: no files
     return dataclasses.replace(load_config(merged, base_dir=self.base_dir), source=self.source, notices=self.notices)
 
-def _save(self: Config,
+@patch
+def save(self: Config,
           path: str | os.PathLike,  # where to write config.json (written to a temp file, then renamed)
          ) -> Path:
     "Write `to_dict()` as JSON, atomically."
-    return _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+    return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
-def _repr(self: Config) -> str:
+@patch
+def __repr__(self: Config) -> str:
     changed = self.to_dict(include_defaults=False)
     body = ", ".join(f"{k}={v!r}" for k, v in changed.items())
     extra = f", datasets={len(self.datasets)}, prompts={len(self.prompt_library)}" if self.datasets or self.prompt_library else ""
     return f"Config({body}{extra})"
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
-Config.to_dict, Config.replace, Config.save, Config.__repr__ = _to_dict, _replace, _save, _repr
-Config.to_dict.__name__, Config.replace.__name__, Config.save.__name__ = "to_dict", "replace", "save"
-
-# %% ../nbs/02_config.ipynb #fc8ce01d
-_PATH_NAME = re.compile(r"[^\W_][\w .+@-]{0,127}")
-
-def is_path_name(name: str) -> bool:
-    "Can `name` (a dataset id, a prompt name) become one file or folder name? No separators, no '..', no leading dot."
-    return isinstance(name, str) and bool(_PATH_NAME.fullmatch(name)) and name.rstrip(" .") == name
-
-def slug(name: str) -> str:
-    "`name` as a safe file name: runs of other characters become '_' ('my cat!' -> 'my_cat')."
-    s = re.sub(r"_{2,}", "_", re.sub(r"[^\w.+@-]+", "_", str(name))).strip("._") or "x"  # "__" is kept for suffixes
-    return s[:128]
 
 # %% ../nbs/02_config.ipynb #0640214b
 _PARQUET_KEYS = ("path", "filename_column", "caption_column", "fallback_caption_column", "width_column",
@@ -776,7 +771,7 @@ def _check_dataset(d: DatasetSpec):
     for s in stages:
         if s not in SKIP_DISCOVERY_STAGES:
             raise ConfigError(f"'skip_file_discovery' = {d.skip_file_discovery!r}: {s!r} is not one of "
-                              f"{', '.join(map(repr, SKIP_DISCOVERY_STAGES))}{_did_you_mean(s, SKIP_DISCOVERY_STAGES)}",
+                              f"{', '.join(map(repr, SKIP_DISCOVERY_STAGES))}{did_you_mean(s, SKIP_DISCOVERY_STAGES)}",
                               "skip_file_discovery", d.skip_file_discovery)
 
 def _check_parquet(d: DatasetSpec):
@@ -786,7 +781,7 @@ def _check_parquet(d: DatasetSpec):
         raise ConfigError("caption_strategy/metadata_backend 'parquet' needs a 'parquet' block, e.g. "
                           '{"path": "captions.parquet", "filename_column": "id", "caption_column": "caption"}', "parquet", p)
     for k in p:
-        if k not in _PARQUET_KEYS: raise ConfigError(f"'parquet': unknown key {k!r}{_did_you_mean(k, _PARQUET_KEYS)}", "parquet", p)
+        if k not in _PARQUET_KEYS: raise ConfigError(f"'parquet': unknown key {k!r}{did_you_mean(k, _PARQUET_KEYS)}", "parquet", p)
     need = ["path", "filename_column"] + (["caption_column"] if d.caption_strategy == "parquet" else [])
     need += ["width_column", "height_column"] if d.metadata_backend == "parquet" else []
     missing = [k for k in need if not p.get(k)]
@@ -821,7 +816,7 @@ def check_datasets(specs: list[DatasetSpec],  # the entries of one multidataback
     def ref(s, key, target, kind):
         other = on.get(target)
         if other is None:
-            hint = " (it is disabled)" if target in ids else _did_you_mean(target, [i for i in on if on[i].dataset_type == kind])
+            hint = " (it is disabled)" if target in ids else did_you_mean(target, [i for i in on if on[i].dataset_type == kind])
             raise ConfigError(f"dataset {s.id!r}: {key!r} names {target!r}, which is not an enabled dataset{hint}", key, target)
         if other.dataset_type != kind:
             raise ConfigError(f"dataset {s.id!r}: {key!r} names {target!r}, whose dataset_type is {other.dataset_type!r}; "
@@ -891,7 +886,7 @@ def _dataset_kwargs(entry: dict, i: int) -> dict:
         if name not in names:
             if name in SIMPLETUNER_DATASET_UNSUPPORTED:
                 msg = f"{k!r} is a SimpleTuner dataset option that flux2_kit does not implement; remove it"
-            else: msg = f"unknown key {k!r} (value {v!r}){_did_you_mean(name, sorted(names))}"
+            else: msg = f"unknown key {k!r} (value {v!r}){did_you_mean(name, sorted(names))}"
             raise ConfigError(f"{where}: {msg}", k, v)
         if name in out: raise ConfigError(f"{where}: {name!r} is set twice", k, v)
         out[name] = v
@@ -1001,33 +996,32 @@ def dataset_defaults(cfg: Config) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 # %% ../nbs/02_config.ipynb #0f37dc54
-@_cfg_property
-def _image_datasets(self: Config) -> list[DatasetSpec]:
+@patch(as_prop=True)
+def image_datasets(self: Config) -> list[DatasetSpec]:
     "The enabled image datasets."
     return [s for s in self.datasets if s.dataset_type == "image" and not s.disabled]
 
-@_cfg_property
-def _text_embeds_dataset(self: Config) -> DatasetSpec | None:
+@patch(as_prop=True)
+def text_embeds_dataset(self: Config) -> DatasetSpec | None:
     "The default text_embeds dataset (the cache for validation prompts), or None without datasets."
     return next((s for s in self.datasets if s.dataset_type == "text_embeds" and s.default and not s.disabled), None)
 
-def _dataset(self: Config, id: str) -> DatasetSpec:
+@patch
+def dataset(self: Config, id: str) -> DatasetSpec:
     "The dataset with this id."
     for s in self.datasets:
         if s.id == id: return s
     raise KeyError(f"no dataset {id!r}; datasets are {[s.id for s in self.datasets]}")
 
-def _text_embeds_for(self: Config, spec: DatasetSpec) -> DatasetSpec:
+@patch
+def text_embeds_for(self: Config, spec: DatasetSpec) -> DatasetSpec:
     "The text_embeds dataset whose cache holds `spec`'s caption embeds."
     return self.dataset(spec.text_embeds) if spec.text_embeds else self.text_embeds_dataset
 
-def _conditioning_for(self: Config, spec: DatasetSpec) -> list[DatasetSpec]:
+@patch
+def conditioning_for(self: Config, spec: DatasetSpec) -> list[DatasetSpec]:
     "The conditioning (reference) datasets paired with image dataset `spec`."
     return [self.dataset(i) for i in spec.conditioning_data]
-
-for _f in (_dataset, _text_embeds_for, _conditioning_for):
-    _f.__name__ = _f.__name__.lstrip("_")
-    setattr(Config, _f.__name__, _f)
 
 # %% ../nbs/02_config.ipynb #0d2d76f7
 def check_dataset_paths(cfg_or_specs: Config | list[DatasetSpec],  # a loaded Config, or its datasets

@@ -12,35 +12,24 @@ from pathlib import Path
 from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from .config import spec_get, spec_id
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'FORMAT_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'BACKGROUND', 'CAPTION_STRATEGIES', 'DataError', 'Skip',
-           'DataReport', 'ImageError', 'to_rgb', 'load_image', 'read_caption_file', 'filename_caption', 'Item',
-           'read_metadata_table', 'scan_dataset', 'scan_hf_dataset', 'item_bytes', 'item_image', 'image_array',
-           'image_tensor', 'LatentRequest', 'latent_requests']
+__all__ = ['IMAGE_EXTENSIONS', 'FORMAT_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'BACKGROUND', 'CAPTION_STRATEGIES', 'DataError',
+           'spec_choice', 'Skip', 'DataReport', 'ImageError', 'to_rgb', 'load_image', 'read_caption_file',
+           'filename_caption', 'Item', 'read_metadata_table', 'scan_dataset', 'scan_hf_dataset', 'item_bytes',
+           'item_image', 'image_array', 'image_tensor', 'LatentRequest', 'latent_requests']
 
 # %% ../nbs/04_data.ipynb #70743aee
 class DataError(ValueError):
     "A dataset spec or a dataset that cannot be used; the message names the dataset, key or file and the fix."
 
-def _get(spec, # a dict or an object with SimpleTuner key names as attributes
-         key:str, # the SimpleTuner key
-         default=None, # returned when the key is missing or None
-        ):
-    "The value of `key` in `spec` (dict or attribute object); `None` counts as unset."
-    if spec is None: return default
-    v = spec.get(key) if isinstance(spec, Mapping) else getattr(spec, key, None)
-    return default if v is None else v
 
-def _sid(spec) -> str:
-    "The dataset id, for messages."
-    return str(_get(spec, "id", "dataset"))
-
-def _choice(spec, key, default, allowed, hint=""):
+def spec_choice(spec, key, default, allowed, hint=""):
     "`_get` restricted to `allowed` values, with an error that names the dataset, key, value and choices."
-    v = _get(spec, key, default)
+    v = spec_get(spec, key, default)
     if v not in allowed:
-        raise DataError(f"dataset {_sid(spec)!r}: {key} {v!r} is not one of {tuple(allowed)}{hint}")
+        raise DataError(f"dataset {spec_id(spec)!r}: {key} {v!r} is not one of {tuple(allowed)}{hint}")
     return v
 
 # %% ../nbs/04_data.ipynb #7555ef99
@@ -239,18 +228,18 @@ def filename_caption(name:str) -> str:
 # %% ../nbs/04_data.ipynb #1cfe5839
 def _caption_config(spec, default:str=None) -> dict:
     "The caption settings of `spec`, validated before any file is read."
-    default = default or ("huggingface" if _get(spec, "type") == "huggingface" else "filename")
-    strategy = _choice(spec, "caption_strategy", default, CAPTION_STRATEGIES)
-    instance = _get(spec, "instance_prompt")
-    if (strategy == "instanceprompt" or _get(spec, "prepend_instance_prompt", False)
-            or _get(spec, "only_instance_prompt", False)) and not instance:
-        raise DataError(f"dataset {_sid(spec)!r}: caption_strategy {strategy!r} / prepend_instance_prompt / "
+    default = default or ("huggingface" if spec_get(spec, "type") == "huggingface" else "filename")
+    strategy = spec_choice(spec, "caption_strategy", default, CAPTION_STRATEGIES)
+    instance = spec_get(spec, "instance_prompt")
+    if (strategy == "instanceprompt" or spec_get(spec, "prepend_instance_prompt", False)
+            or spec_get(spec, "only_instance_prompt", False)) and not instance:
+        raise DataError(f"dataset {spec_id(spec)!r}: caption_strategy {strategy!r} / prepend_instance_prompt / "
                         "only_instance_prompt need an instance_prompt; set instance_prompt")
-    p = float(_get(spec, "caption_dropout_probability", 0.0))
-    if not 0 <= p <= 1: raise DataError(f"dataset {_sid(spec)!r}: caption_dropout_probability {p} is not in [0, 1]")
-    return dict(strategy=strategy, instance=instance, prepend=bool(_get(spec, "prepend_instance_prompt", False)),
-                only=bool(_get(spec, "only_instance_prompt", False)),
-                split=not _get(spec, "disable_multiline_split", False))
+    p = float(spec_get(spec, "caption_dropout_probability", 0.0))
+    if not 0 <= p <= 1: raise DataError(f"dataset {spec_id(spec)!r}: caption_dropout_probability {p} is not in [0, 1]")
+    return dict(strategy=strategy, instance=instance, prepend=bool(spec_get(spec, "prepend_instance_prompt", False)),
+                only=bool(spec_get(spec, "only_instance_prompt", False)),
+                split=not spec_get(spec, "disable_multiline_split", False))
 
 def _finish_captions(caps:tuple, cc:dict) -> tuple:
     "Apply only_instance_prompt / prepend_instance_prompt / instanceprompt to caption variants."
@@ -260,8 +249,8 @@ def _finish_captions(caps:tuple, cc:dict) -> tuple:
 
 def _column_captions(row:dict, spec, block:str="huggingface") -> tuple:
     "Caption variants from a metadata/datasets row: `caption_column` (str, list of names, dotted path) then fallback."
-    sub = _get(spec, block) or {}
-    def col(k, d=None): return _get(spec, k) or _get(sub, k) or d
+    sub = spec_get(spec, block) or {}
+    def col(k, d=None): return spec_get(spec, k) or spec_get(sub, k) or d
     def value(name):
         v = row
         for part in str(name).split("."): v = v.get(part) if isinstance(v, Mapping) else None
@@ -348,9 +337,9 @@ def read_metadata_table(path) -> list:
 # %% ../nbs/04_data.ipynb #99d104a9
 def _filters(spec):
     "A function size -> (code, reason) or None, from minimum_image_size and the aspect limits."
-    rt = _choice(spec, "resolution_type", "pixel_area", ("pixel", "area", "pixel_area"))
-    mn = _get(spec, "minimum_image_size")
-    lo, hi = _get(spec, "minimum_aspect_ratio"), _get(spec, "maximum_aspect_ratio")
+    rt = spec_choice(spec, "resolution_type", "pixel_area", ("pixel", "area", "pixel_area"))
+    mn = spec_get(spec, "minimum_image_size")
+    lo, hi = spec_get(spec, "minimum_aspect_ratio"), spec_get(spec, "maximum_aspect_ratio")
     def check(size):
         w, h = size
         if mn:
@@ -418,7 +407,7 @@ def _collect(cands:list, spec, report:DataReport, num_workers, max_pixels, misla
         for code, msg in res[2]: report.warn(c["path"], code, msg, c["key"])
         items.append(Item(str(c["path"]), c["key"], res[1]["size"], res[1]["captions"], report.dataset,
                           source=c.get("source")))
-    n = _get(spec, "max_num_samples")
+    n = spec_get(spec, "max_num_samples")
     if n and len(items) > n:  # a deterministic subset: the n smallest CRC32s of the keys, in the original order
         chosen = set(sorted(range(len(items)), key=lambda i: (zlib.crc32(items[i].key.encode()), i))[:n])
         for i, it in enumerate(items):
@@ -443,16 +432,16 @@ def _candidate_captions(p:Path, row, spec, cc) -> Any:
     if s == "filename": return (filename_caption(p.name),)
     if s == "instanceprompt": return ()
     if s in ("parquet", "metadata"):
-        if row is None: raise DataError(f"dataset {_sid(spec)!r}: caption_strategy {s!r} reads captions from a "
+        if row is None: raise DataError(f"dataset {spec_id(spec)!r}: caption_strategy {s!r} reads captions from a "
                                         "metadata table; set metadata_backend to parquet or jsonl")
         return _column_captions(row, spec, "parquet")
-    raise DataError(f"dataset {_sid(spec)!r}: caption_strategy {s!r} needs type: huggingface")
+    raise DataError(f"dataset {spec_id(spec)!r}: caption_strategy {s!r} needs type: huggingface")
 
 def _local_candidates(spec, root:Path, report:DataReport, captions:bool) -> list:
     "Candidates from a folder walk or a metadata table."
-    backend = _choice(spec, "metadata_backend", "discovery", ("discovery", "json", "jsonl", "parquet", "huggingface"))
-    block = _get(spec, "parquet") or {}
-    table = _get(block, "path")
+    backend = spec_choice(spec, "metadata_backend", "discovery", ("discovery", "json", "jsonl", "parquet", "huggingface"))
+    block = spec_get(spec, "parquet") or {}
+    table = spec_get(block, "path")
     if backend in ("jsonl", "parquet") and not table:
         table = root / ("metadata.parquet" if backend == "parquet" else "metadata.jsonl")
     cc = _caption_config(spec) if captions else dict(strategy=None, split=True)
@@ -464,14 +453,14 @@ def _local_candidates(spec, root:Path, report:DataReport, captions:bool) -> list
                             "another caption_strategy")
     if not table:
         return [cand(p) for p in _walk(root, report)]
-    col = _get(block, "filename_column", "file_name")
+    col = spec_get(block, "filename_column", "file_name")
     out = []
     tp = Path(table).expanduser()
     if not tp.is_absolute() and not tp.exists(): tp = root / tp
     for i, row in enumerate(read_metadata_table(tp)):
         name = row.get(col)
         if name is None:
-            raise DataError(f"dataset {_sid(spec)!r}: metadata row {i} has no column {col!r} (columns: "
+            raise DataError(f"dataset {spec_id(spec)!r}: metadata row {i} has no column {col!r} (columns: "
                             f"{sorted(row)}); set parquet.filename_column")
         p = Path(str(name)) if Path(str(name)).is_absolute() else root / str(name)
         if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.exists():
@@ -491,8 +480,8 @@ def scan_dataset(spec, # a SimpleTuner dataset entry (dict or DatasetSpec-like o
                  mislabelled:str="warn", # a PNG named .jpg: "warn" (keep, read by content) or "skip"
                 ) -> tuple:
     "The usable images of one dataset as `(list[Item], DataReport)`; bad files are reported, never raised."
-    sid, kind = _sid(spec), _get(spec, "type", "local")
-    dtype = _choice(spec, "dataset_type", "image", ("image", "conditioning", "text_embeds", "image_embeds",
+    sid, kind = spec_id(spec), spec_get(spec, "type", "local")
+    dtype = spec_choice(spec, "dataset_type", "image", ("image", "conditioning", "text_embeds", "image_embeds",
                                                     "conditioning_image_embeds", "video", "audio"))
     if dtype not in ("image", "conditioning"):
         raise DataError(f"dataset {sid!r} has dataset_type {dtype!r}: only image and conditioning datasets hold "
@@ -506,7 +495,7 @@ def scan_dataset(spec, # a SimpleTuner dataset entry (dict or DatasetSpec-like o
                                mislabelled=mislabelled)
     if kind != "local":
         raise DataError(f"dataset {sid!r}: type {kind!r} is not supported by flux2_kit; use 'local' or 'huggingface'")
-    root = _get(spec, "instance_data_dir")
+    root = spec_get(spec, "instance_data_dir")
     if not root: raise DataError(f"dataset {sid!r}: type 'local' needs instance_data_dir")
     root = Path(root).expanduser().absolute()  # absolute paths: cache keys must not depend on the working folder
     if not root.is_dir(): raise DataError(f"dataset {sid!r}: instance_data_dir {str(root)!r} is not a folder")
@@ -519,16 +508,16 @@ def scan_dataset(spec, # a SimpleTuner dataset entry (dict or DatasetSpec-like o
 def _load_hf(spec):
     "Load the `datasets` dataset named by a `type: huggingface` spec."
     import datasets
-    name = _get(spec, "dataset_name")
-    if not name: raise DataError(f"dataset {_sid(spec)!r}: type 'huggingface' needs dataset_name")
-    split, cache = _get(spec, "split", "train"), _get(spec, "cache_dir")
+    name = spec_get(spec, "dataset_name")
+    if not name: raise DataError(f"dataset {spec_id(spec)!r}: type 'huggingface' needs dataset_name")
+    split, cache = spec_get(spec, "split", "train"), spec_get(spec, "cache_dir")
     if Path(str(name)).expanduser().is_dir():
         d = Path(str(name)).expanduser()
         if (d / "state.json").exists() or (d / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(str(d))
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         return datasets.load_dataset("imagefolder", data_dir=str(d), split=split, cache_dir=cache)
-    return datasets.load_dataset(name, split=split, revision=_get(spec, "revision"), cache_dir=cache)
+    return datasets.load_dataset(name, split=split, revision=spec_get(spec, "revision"), cache_dir=cache)
 
 def scan_hf_dataset(ds, # a `datasets.Dataset` with an image column
                     spec, # the dataset entry (id, image_column, caption_column, filters ...)
@@ -538,16 +527,16 @@ def scan_hf_dataset(ds, # a `datasets.Dataset` with an image column
                    ) -> tuple:
     "Like `scan_dataset`, for a `datasets.Dataset` you already have: `(list[Item], DataReport)`."
     import datasets
-    sid, sub = _sid(spec), _get(spec, "huggingface") or {}
-    col = _get(spec, "image_column") or _get(sub, "image_column") or "image"
+    sid, sub = spec_id(spec), spec_get(spec, "huggingface") or {}
+    col = spec_get(spec, "image_column") or spec_get(sub, "image_column") or "image"
     if col not in ds.column_names:
         raise DataError(f"dataset {sid!r}: image_column {col!r} is not a column of the dataset "
                         f"(columns: {ds.column_names}); set image_column")
-    captions = _get(spec, "dataset_type", "image") == "image"
+    captions = spec_get(spec, "dataset_type", "image") == "image"
     cc = _caption_config(spec, default="huggingface") if captions else None
     try: raw = ds.cast_column(col, datasets.Image(decode=False))
     except Exception as e: raise DataError(f"dataset {sid!r}: column {col!r} cannot be read as images ({e})") from None
-    name = _get(spec, "dataset_name")
+    name = spec_get(spec, "dataset_name")
     root = Path(str(name)).expanduser().resolve() if name and Path(str(name)).expanduser().is_dir() else None
     report, cands, seen = DataReport(sid), [], set()
     for i, row in enumerate(raw):
@@ -622,14 +611,3 @@ def latent_requests(items, # Items with target/crop (e.g. `table.items`)
             k = (x.path, tuple(x.crop), tuple(x.target))
             if k not in seen: seen.add(k); out.append(LatentRequest(*k, x))
     return out
-
-# %% ../nbs/04_data.ipynb #ba6ccbda
-_BUCKET_NAMES = ("make_buckets", "BucketTable", "Bucket", "BucketBatchSampler", "prepare_datasets", "pick_caption",
-                 "batch_references", "target_size")
-
-def __getattr__(name):
-    "Lazy re-export of the bucket API from `flux2_kit.buckets`."
-    if name in _BUCKET_NAMES:
-        from flux2_kit import buckets
-        return getattr(buckets, name)
-    raise AttributeError(f"module 'flux2_kit.data' has no attribute {name!r}")

@@ -4,22 +4,19 @@
 
 # %% ../nbs/17_launch.ipynb #c3e8ebca
 from __future__ import annotations
-import importlib, json, os, socket, time, traceback
+import json, os, socket, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, load_config
+from .distributed import LaunchError, check_strategy, export_state
 from .runlog import RunDir, atomic_write_json
+from .train import tracker_kwargs
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'QUANTISED', 'BLOCK_CLASSES', 'LaunchError', 'check_kernel', 'free_port', 'check_port', 'check_strategy',
-           'fsdp2_shard', 'full_lora_state_dict', 'fsdp2_wrap', 'fsdp2_full_state', 'fsdp2_load_full_state',
-           'save_full_lora', 'LaunchHandle', 'launch']
+__all__ = ['check_kernel', 'free_port', 'check_port', 'LaunchHandle', 'launch']
 
 # %% ../nbs/17_launch.ipynb #ee20207a
-class LaunchError(RuntimeError):
-    "A multi-process run cannot start (or failed in a child): the message says why and what to do."
-
 def check_kernel(reset_state: bool = False,  # forget a single-process accelerate state made in this kernel
                 ):
     "Refuse to fork when the kernel initialised CUDA or made an Accelerator/PartialState (optionally reset the latter)."
@@ -54,168 +51,6 @@ def check_port(port: int,  # the rendezvous port
                               f"port=None to pick a free one, or another port") from None
     return int(port)
 
-# %% ../nbs/17_launch.ipynb #ddea5b2e
-STRATEGIES = ("ddp", "fsdp2", "deepspeed")
-QUANTISED = ("int8-quanto", "int4-quanto", "fp8-quanto")
-BLOCK_CLASSES = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")  # the units FSDP2 shards
-
-def _deepspeed_config(ds, cfg: Config) -> dict:
-    "Read and check a DeepSpeed config (dict or JSON path) against the run's config."
-    if ds is None: raise LaunchError("strategy='deepspeed' needs deepspeed_config: a dict or a path to a DeepSpeed "
-                                     "JSON with zero_optimization.stage 2 or 3")
-    if not isinstance(ds, dict):
-        p = Path(ds)
-        if not p.is_file(): raise LaunchError(f"deepspeed_config {str(ds)!r} is not a file")
-        try: ds = json.loads(p.read_text())
-        except ValueError as e: raise LaunchError(f"deepspeed_config {p}: not valid JSON ({e})") from None
-    stage = (ds.get("zero_optimization") or {}).get("stage")
-    if stage not in (2, 3):
-        raise LaunchError(f"deepspeed_config zero_optimization.stage={stage!r}: flux2_kit supports ZeRO stage 2 or 3 "
-                          "(set \"zero_optimization\": {\"stage\": 2})")
-    for k, want in (("train_micro_batch_size_per_gpu", cfg.train_batch_size),
-                    ("gradient_accumulation_steps", cfg.gradient_accumulation_steps)):
-        v = ds.get(k, "auto")
-        if v != "auto" and v != want:
-            raise LaunchError(f"deepspeed_config {k}={v!r} disagrees with the config ({want}): set it to \"auto\" or {want}")
-    return ds
-
-def check_strategy(cfg: Config,  # the run's config
-                   strategy: str = "ddp",  # one of STRATEGIES
-                   cuda: bool | None = None,  # GPUs present (default: torch.cuda.is_available(), without initialising CUDA)
-                   deepspeed_config=None,  # strategy="deepspeed": a dict or JSON path
-                  ) -> dict:
-    "Check that `strategy` works with this config on this machine; returns what the children need to build it."
-    if strategy not in STRATEGIES: raise LaunchError(f"strategy {strategy!r} is not one of {STRATEGIES}")
-    if cuda is None:
-        import torch
-        cuda = torch.cuda.is_available()
-    if cfg.enable_group_offload:
-        raise LaunchError("enable_group_offload cannot be combined with multi-process training (the offload hooks move "
-                          "weights behind DDP/FSDP/DeepSpeed): turn it off, or use strategy='fsdp2' on GPUs to spread memory")
-    if strategy == "ddp": return dict(strategy="ddp")
-    if strategy == "deepspeed" and not cuda:
-        raise LaunchError(f"strategy={strategy!r} needs CUDA GPUs; this machine has none (accelerate would silently fall "
-                          f"back to plain data parallel on CPU). Use strategy='ddp' or 'fsdp2' on CPU")
-    if cfg.base_model_precision in QUANTISED:
-        raise LaunchError(f"base_model_precision={cfg.base_model_precision!r} (quanto) cannot be sharded by {strategy}: "
-                          f"quantised weights are not shardable tensors. Use strategy='ddp' with the quantised base, "
-                          f"or base_model_precision='bf16' with {strategy}")
-    if strategy == "deepspeed":
-        try: importlib.import_module("deepspeed")
-        except Exception as e:
-            raise LaunchError(f"strategy='deepspeed' needs the deepspeed package, which does not import here ({e}): "
-                              f"`pip install deepspeed`") from None
-        _deepspeed_config(deepspeed_config, cfg)
-        raise LaunchError("strategy='deepspeed' is not supported by the Trainer yet: its checkpoints, resume and LoRA "
-                          "export would save rank 0's partition, not the whole state. Use strategy='fsdp2' to shard, or "
-                          "'ddp' (a LoRA fits on each GPU; quantise the base with base_model_precision='int8-quanto')")
-    if cfg.mixed_precision == "fp16":
-        raise LaunchError("mixed_precision='fp16' cannot be combined with strategy='fsdp2' (the model is sharded outside "
-                          "accelerate, so no gradient scaler guards fp16): use mixed_precision='bf16' (or 'no')")
-    ramp = cfg.scheduled_sampling_ramp_steps > 0
-    if cfg.scheduled_sampling_max_step_offset > 0 and (
-            (not ramp and cfg.scheduled_sampling_probability > 0) or
-            (ramp and (cfg.scheduled_sampling_prob_start > 0 or cfg.scheduled_sampling_prob_end > 0))):
-        raise LaunchError("scheduled sampling (scheduled_sampling_max_step_offset > 0) cannot be combined with "
-                          "strategy='fsdp2': each rank rolls out a different number of extra forwards, and every "
-                          "sharded forward needs all ranks. Use strategy='ddp', or turn scheduled sampling off")
-    if cfg.compile_transformer:
-        raise LaunchError("compile_transformer=True with strategy='fsdp2' is not supported (untested: the compiled "
-                          "blocks would be sharded after compilation): turn compile_transformer off, or use 'ddp'")
-    return dict(strategy="fsdp2")
-
-# %% ../nbs/17_launch.ipynb #99d35ea5
-def fsdp2_shard(transformer,  # Flux2Transformer2DModel with its LoRA (peft)
-                mesh=None,  # a DeviceMesh (default: all ranks of the default process group)
-                reshard_after_forward: bool = True,  # free the gathered weights after each block's forward
-               ):
-    "Shard the transformer with torch's FSDP2 `fully_shard`: each transformer block, then the root; returns it."
-    from torch.distributed.fsdp import fully_shard
-    blocks = [m for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
-    if not blocks: raise LaunchError(f"no {BLOCK_CLASSES} found in {type(transformer).__name__}: not a FLUX.2 transformer")
-    for b in blocks: fully_shard(b, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    return transformer
-
-def full_lora_state_dict(model) -> dict:
-    "The LoRA tensors of a (possibly FSDP2-sharded) model as full CPU tensors, on every rank (a collective)."
-    from flux2_kit.lora import lora_state_dict
-    out = {}
-    for k, v in lora_state_dict(model).items():
-        if hasattr(v, "full_tensor"): v = v.full_tensor()
-        out[k] = v.detach().to("cpu").clone()
-    return out
-
-def fsdp2_wrap(transformer,  # Flux2Transformer2DModel with its LoRA (and TREAD), not yet given to accelerate
-               accelerator,  # the run's Accelerator (its device and mixed precision)
-              ):
-    "The Trainer's FSDP2 step: `fsdp2_shard` the model, and add the autocast accelerate would add (bf16); returns it."
-    import types, torch
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise LaunchError("strategy='fsdp2' needs a process group (run it with flux2_kit.launch or accelerate launch)")
-    fsdp2_shard(transformer)
-    if accelerator.mixed_precision == "bf16":  # what accelerator.prepare(model) would do; the model skips prepare
-        from accelerate.utils import convert_outputs_to_fp32
-        ctx = torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)
-        transformer.forward = types.MethodType(convert_outputs_to_fp32(ctx(transformer.forward.__func__)), transformer)
-    return transformer
-
-def _opt_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **kw)
-
-def fsdp2_full_state(model,  # the FSDP2-sharded transformer
-                     optimizer,  # its (bare) optimizer over the DTensor shards
-                    ) -> tuple:
-    "(full LoRA state dict, full optimizer state dict keyed by parameter name) on CPU: a collective, rank 0 gets all."
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    lora = full_lora_state_dict(model)
-    opt = get_optimizer_state_dict(model, optimizer, options=_opt_options(cpu_offload=True))
-    return lora, opt
-
-def fsdp2_load_full_state(model,  # the FSDP2-sharded transformer (bare)
-                          optimizer,  # its (bare) optimizer
-                          lora: dict,  # full LoRA tensors, peft names (a checkpoint's `tensors`)
-                          optimizer_state: dict,  # a `fsdp2_full_state` optimizer state (a checkpoint's `optimizer_state`)
-                          where="checkpoint",  # named in errors
-                         ):
-    "Load full (gathered) LoRA and optimizer state into the shards, on every rank (a collective)."
-    import torch
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    from flux2_kit.lora import adapter_name_of
-    tag = f".{adapter_name_of(model)}."
-    params = {n.replace(tag, "."): p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(params) - set(lora)), sorted(set(lora) - set(params))
-    if missing or extra:
-        raise LaunchError(f"{where}: LoRA keys do not match the model (missing {missing[:3]}, unexpected {extra[:3]}): "
-                          f"resume with the same lora_rank/lora_type/flux_lora_target")
-    with torch.no_grad():
-        for k, p in params.items():
-            v = lora[k].to(device=p.device, dtype=p.dtype)
-            p.copy_(distribute_tensor(v, p.device_mesh, p.placements) if isinstance(p, DTensor) else v)
-    keys = list(optimizer_state.get("state") or {}) + [q for g in optimizer_state.get("param_groups", []) for q in g["params"]]
-    if any(isinstance(k, int) for k in keys):
-        raise LaunchError(f"{where}: its optimizer state is keyed by parameter index (a DDP checkpoint); an FSDP2 run "
-                          f"needs one keyed by parameter name: resume with strategy='ddp'")
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=optimizer_state, options=_opt_options())
-
-def save_full_lora(model,  # the (sharded) transformer: its peft config and LoRA scales
-                   lora: dict,  # `full_lora_state_dict(model)`
-                   out,  # folder
-                   formats=("diffusers", "comfyui"),  # what to write
-                  ) -> dict:
-    "Write gathered LoRA tensors as `Trainer.export` does (diffusers file + ComfyUI/BFL file), atomically (rank 0)."
-    from flux2_kit.lora import _atomic_save_file, adapter_name_of, lora_scales, save_lora, to_comfyui, unwrap_model
-    m = unwrap_model(model); name = adapter_name_of(m)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    res = {}
-    if "diffusers" in formats: res["diffusers"] = save_lora(m, out, adapter_name=name, state_dict=lora)
-    if "comfyui" in formats:
-        res["comfyui"] = _atomic_save_file(to_comfyui(lora, lora_scales(m, name), write_alpha=False),
-                                           out / "comfyui_lora.safetensors", metadata={"format": "pt"})
-    return res
-
 # %% ../nbs/17_launch.ipynb #81472650
 @dataclass
 class _Job:
@@ -230,7 +65,7 @@ def _lora_sha(transformer, strategy: str = "ddp") -> str:
     import hashlib
     from flux2_kit.lora import lora_state_dict
     h = hashlib.sha256()
-    sd = full_lora_state_dict(transformer) if strategy == "fsdp2" else lora_state_dict(transformer)  # fsdp2: a collective
+    sd = export_state(transformer, strategy) or lora_state_dict(transformer)  # fsdp2: a collective
     for k, v in sorted(sd.items()):
         h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -238,8 +73,7 @@ def _lora_sha(transformer, strategy: str = "ddp") -> str:
 def _make_accelerator(cfg: Config, plan: dict, cuda: bool):
     "The run's Accelerator with the strategy's plugin (in a child)."
     from flux2_kit.train import make_accelerator
-    from flux2_kit.trainer import _tracker_kwargs
-    kw = _tracker_kwargs(cfg)
+    kw = tracker_kwargs(cfg)
     if plan["strategy"] not in ("ddp", "fsdp2"): raise LaunchError(f"strategy {plan['strategy']!r}: see check_strategy")
     mp = cfg.mixed_precision if cuda or cfg.mixed_precision != "fp16" else "no"
     return make_accelerator(mp, cfg.gradient_accumulation_steps, cpu=not cuda, **kw)

@@ -4,12 +4,13 @@
 
 # %% ../nbs/03_models.ipynb #a6400044
 from __future__ import annotations
-import copy, ctypes, difflib, gc, hashlib, json, os, time
+import copy, ctypes, gc, hashlib, json, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from .config import did_you_mean, spec_get
 
 # %% auto #0
 __all__ = ['FLAVOUR_FAMILY', 'TEXT_LAYERS', 'DTYPES', 'QUANTO', 'PRECISIONS', 'GROUP_OFFLOAD_TYPES', 'resolve_model_path',
@@ -40,9 +41,7 @@ def resolve_model_path(name: str | Path,  # local folder, hub id, or "flux2-tiny
 FLAVOUR_FAMILY = {"dev": "dev", "klein": "klein", "klein-4b": "klein", "klein-9b": "klein"}
 TEXT_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}  # hidden-state layers the pipelines stack
 
-def _closest(value, choices) -> str:
-    m = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.4)
-    return f" (did you mean {m[0]!r}?)" if m else ""
+def _closest(value, choices) -> str: return did_you_mean(value, choices, 0.4, " (", ")")
 
 def flavour_family(flavour: str,  # SimpleTuner `model_flavour`: "dev", "klein-4b", "klein-9b" (or "klein")
                   ) -> str:
@@ -391,24 +390,20 @@ def token_lengths(enc: TextEncoder,  # from `load_text_encoder`
     return [len(i) for i in tok(texts)["input_ids"]]
 
 # %% ../nbs/03_models.ipynb #c5a9b5ee
-def _get(cfg, name, default=None):
-    v = getattr(cfg, name, None)
-    return default if v is None else v
-
 def load_text_encoder_from_config(cfg,  # object with SimpleTuner keys as attributes (e.g. flux2_kit.config.Config)
                                   device: str | torch.device | None = None,  # where to run; None: cuda if available
                                  ) -> TextEncoder:
     "`load_text_encoder` with arguments from `pretrained_model_name_or_path`, `model_flavour`, `text_encoder_1_precision`, ..."
     return load_text_encoder(
-        _get(cfg, "pretrained_text_encoder_model_name_or_path") or _get(cfg, "pretrained_model_name_or_path"),
-        _get(cfg, "model_flavour", "dev"), precision=_get(cfg, "text_encoder_1_precision", "no_change"),
-        default_dtype=_get(cfg, "base_model_default_dtype", "fp32"), max_length=_get(cfg, "tokenizer_max_length", 512),
-        device=device, quantize_via=_get(cfg, "quantize_via", "cpu"),
-        group_offload=bool(_get(cfg, "enable_group_offload", False) and _get(cfg, "group_offload_text_encoder", False)),
-        group_offload_type=_get(cfg, "group_offload_type", "block_level"),
-        group_offload_blocks_per_group=_get(cfg, "group_offload_blocks_per_group", 1),
-        group_offload_use_stream=bool(_get(cfg, "group_offload_use_stream", False)),
-        revision=_get(cfg, "revision"))
+        spec_get(cfg, "pretrained_text_encoder_model_name_or_path") or spec_get(cfg, "pretrained_model_name_or_path"),
+        spec_get(cfg, "model_flavour", "dev"), precision=spec_get(cfg, "text_encoder_1_precision", "no_change"),
+        default_dtype=spec_get(cfg, "base_model_default_dtype", "fp32"), max_length=spec_get(cfg, "tokenizer_max_length", 512),
+        device=device, quantize_via=spec_get(cfg, "quantize_via", "cpu"),
+        group_offload=bool(spec_get(cfg, "enable_group_offload", False) and spec_get(cfg, "group_offload_text_encoder", False)),
+        group_offload_type=spec_get(cfg, "group_offload_type", "block_level"),
+        group_offload_blocks_per_group=spec_get(cfg, "group_offload_blocks_per_group", 1),
+        group_offload_use_stream=bool(spec_get(cfg, "group_offload_use_stream", False)),
+        revision=spec_get(cfg, "revision"))
 
 # %% ../nbs/03_models.ipynb #f97de0c4
 def _model_summary(component, model, src, identity, dtype, precision, device, t0, notes) -> LoadSummary:
@@ -496,31 +491,31 @@ def load_vae_from_config(cfg,  # object with SimpleTuner keys as attributes
                          device: str | torch.device | None = None,  # where to run
                         ):
     "`load_vae` from `pretrained_vae_model_name_or_path` / `pretrained_model_name_or_path`, `vae_dtype`, group offload keys."
-    vd = _get(cfg, "vae_dtype", "fp32")
-    return load_vae(_get(cfg, "pretrained_vae_model_name_or_path") or _get(cfg, "pretrained_model_name_or_path"),
+    vd = spec_get(cfg, "vae_dtype", "fp32")
+    return load_vae(spec_get(cfg, "pretrained_vae_model_name_or_path") or spec_get(cfg, "pretrained_model_name_or_path"),
                     dtype="fp32" if vd == "default" else vd, device=device,
-                    offload_during_startup=bool(_get(cfg, "offload_during_startup", False)),
-                    group_offload=bool(_get(cfg, "enable_group_offload", False) and _get(cfg, "group_offload_vae", False)),
-                    group_offload_type=_get(cfg, "group_offload_type", "block_level"),
-                    group_offload_blocks_per_group=_get(cfg, "group_offload_blocks_per_group", 1),
-                    group_offload_use_stream=bool(_get(cfg, "group_offload_use_stream", False)),
-                    revision=_get(cfg, "revision"))
+                    offload_during_startup=bool(spec_get(cfg, "offload_during_startup", False)),
+                    group_offload=bool(spec_get(cfg, "enable_group_offload", False) and spec_get(cfg, "group_offload_vae", False)),
+                    group_offload_type=spec_get(cfg, "group_offload_type", "block_level"),
+                    group_offload_blocks_per_group=spec_get(cfg, "group_offload_blocks_per_group", 1),
+                    group_offload_use_stream=bool(spec_get(cfg, "group_offload_use_stream", False)),
+                    revision=spec_get(cfg, "revision"))
 
 def load_transformer_from_config(cfg,  # object with SimpleTuner keys as attributes
                                  device: str | torch.device | None = None,  # where to train
                                 ):
     "`load_transformer` from `pretrained_transformer_model_name_or_path` / `pretrained_model_name_or_path`, `base_model_precision`, ..."
     return load_transformer(
-        _get(cfg, "pretrained_transformer_model_name_or_path") or _get(cfg, "pretrained_model_name_or_path"),
-        precision=_get(cfg, "base_model_precision", "no_change"),
-        default_dtype=_get(cfg, "base_model_default_dtype", "fp32"), device=device,
-        quantize_via=_get(cfg, "quantize_via", "cpu"),
-        offload_during_startup=bool(_get(cfg, "offload_during_startup", False)),
-        group_offload=bool(_get(cfg, "enable_group_offload", False)),
-        group_offload_type=_get(cfg, "group_offload_type", "block_level"),
-        group_offload_blocks_per_group=_get(cfg, "group_offload_blocks_per_group", 1),
-        group_offload_use_stream=bool(_get(cfg, "group_offload_use_stream", False)),
-        revision=_get(cfg, "revision"))
+        spec_get(cfg, "pretrained_transformer_model_name_or_path") or spec_get(cfg, "pretrained_model_name_or_path"),
+        precision=spec_get(cfg, "base_model_precision", "no_change"),
+        default_dtype=spec_get(cfg, "base_model_default_dtype", "fp32"), device=device,
+        quantize_via=spec_get(cfg, "quantize_via", "cpu"),
+        offload_during_startup=bool(spec_get(cfg, "offload_during_startup", False)),
+        group_offload=bool(spec_get(cfg, "enable_group_offload", False)),
+        group_offload_type=spec_get(cfg, "group_offload_type", "block_level"),
+        group_offload_blocks_per_group=spec_get(cfg, "group_offload_blocks_per_group", 1),
+        group_offload_use_stream=bool(spec_get(cfg, "group_offload_use_stream", False)),
+        revision=spec_get(cfg, "revision"))
 
 # %% ../nbs/03_models.ipynb #3a8e9b54
 def _module_bytes(m: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import ipywidgets as W
 from PIL import Image, ImageDraw
 from fastcore.basics import patch
-from .runlog import (BASE_PREFIX, RunDir, atomic_write_json, guidance_image_name, parse_preview_name,
+from .runlog import (BASE_PREFIX, RunDir, atomic_write_json, parse_preview_name,
                               request_preview, write_control)
 from .data import load_image
 from .buckets import BucketTable, make_buckets, prepare_datasets

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes, functools, gc, json, math, os, re, subprocess, sys, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
+from .config import did_you_mean, spec_get
 
 # %% auto #0
 __all__ = ['MISTRAL_SMALL_3_1', 'QWEN3_4B', 'QWEN3_8B', 'FLUX2_TRANSFORMERS', 'TEXT_ENCODERS', 'STACKED_LAYERS', 'FLAVOURS',
@@ -249,10 +250,7 @@ DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "fl
 QUANTO = {"int8-quanto": (1.0, None), "fp8-quanto": (1.0, None), "int4-quanto": (0.5, 128), "int2-quanto": (0.25, 128)}  # bytes/weight, group
 PRECISIONS = ("no_change", *DTYPE_BYTES, *QUANTO)
 
-def _suggest(value, choices) -> str:
-    import difflib
-    m = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    return f" (did you mean {m[0]!r}?)" if m else ""
+def _suggest(value, choices) -> str: return did_you_mean(value, choices, 0.6, " (", ")")
 
 def check_precision(precision: str, key: str = "base_model_precision") -> str:
     "`precision` if flux2_kit can load at it, else a `PlanError` naming `key`."
@@ -340,11 +338,6 @@ class PlanSettings:
         return self
 
 # %% ../nbs/14_plan.ipynb #97f7b59f
-def _get(obj, key, default=None):
-    if obj is None: return default
-    if isinstance(obj, dict): return obj.get(key, obj.get("--" + key, default))
-    return getattr(obj, key, default)
-
 def _side(res, rtype) -> int:
     "Square-equivalent side in pixels of a SimpleTuner resolution."
     try: res = float(res)
@@ -363,26 +356,26 @@ def _parse_wh(value) -> int:
     return int(best / 16 + 0.5) * 16
 
 def _datasets(config):
-    ds = _get(config, "datasets") or []
-    if not ds and isinstance(_get(config, "data_backend_config"), (str, Path)) and Path(_get(config, "data_backend_config")).is_file():
-        ds = _read_json(_get(config, "data_backend_config"))
-    return [d for d in ds if not (_get(d, "disabled", False) or _get(d, "disable", False))]
+    ds = spec_get(config, "datasets") or []
+    if not ds and isinstance(spec_get(config, "data_backend_config"), (str, Path)) and Path(spec_get(config, "data_backend_config")).is_file():
+        ds = _read_json(spec_get(config, "data_backend_config"))
+    return [d for d in ds if not (spec_get(d, "disabled", False) or spec_get(d, "disable", False))]
 
 def _from_datasets(config, default_res, default_type):
     "(side, references, reference side) of the largest image dataset."
     ds = _datasets(config)
-    by_id = {_get(d, "id"): d for d in ds}
+    by_id = {spec_get(d, "id"): d for d in ds}
     best = None
     for d in ds:
-        if _get(d, "dataset_type", "image") != "image": continue
-        side = _side(_get(d, "resolution", default_res), _get(d, "resolution_type", default_type))
-        conds = [by_id[c] for c in (_get(d, "conditioning_data") or []) if c in by_id]
-        combined = _get(d, "conditioning_multidataset_sampling", _get(config, "conditioning_multidataset_sampling", "random")) == "combined"
+        if spec_get(d, "dataset_type", "image") != "image": continue
+        side = _side(spec_get(d, "resolution", default_res), spec_get(d, "resolution_type", default_type))
+        conds = [by_id[c] for c in (spec_get(d, "conditioning_data") or []) if c in by_id]
+        combined = spec_get(d, "conditioning_multidataset_sampling", spec_get(config, "conditioning_multidataset_sampling", "random")) == "combined"
         refs = conds if combined else conds[:1]
-        ref_side = max([_side(_get(c, "resolution", default_res), _get(c, "resolution_type", default_type)) for c in refs] or [side])
+        ref_side = max([_side(spec_get(c, "resolution", default_res), spec_get(c, "resolution_type", default_type)) for c in refs] or [side])
         cand = (side * side + len(refs) * ref_side * ref_side, side, len(refs), ref_side)
         best = max(best, cand) if best else cand
-    wb = [_get(d, "write_batch_size") for d in ds if _get(d, "dataset_type") == "text_embeds" and _get(d, "write_batch_size")]
+    wb = [spec_get(d, "write_batch_size") for d in ds if spec_get(d, "dataset_type") == "text_embeds" and spec_get(d, "write_batch_size")]
     return (best[1:] if best else None), (max(wb) if wb else None)
 
 def resolve_settings(config=None,  # object or dict with SimpleTuner keys (None: SimpleTuner's defaults)
@@ -394,8 +387,8 @@ def resolve_settings(config=None,  # object or dict with SimpleTuner keys (None:
     if bad: raise PlanError(f"unknown setting {bad[0]!r}{_suggest(bad[0], names)}; settings are {sorted(names)}")
     d = PlanSettings()
     s = {}
-    path = _get(config, "pretrained_model_name_or_path")
-    flavour = _get(config, "model_flavour", "dev")
+    path = spec_get(config, "pretrained_model_name_or_path")
+    flavour = spec_get(config, "model_flavour", "dev")
     if isinstance(path, str) and (re.fullmatch(r"flux2-(tiny|small):(dev|klein)", path) or (Path(path) / "transformer" / "config.json").exists()):
         s["model"] = path
     else:
@@ -406,22 +399,22 @@ def resolve_settings(config=None,  # object or dict with SimpleTuner keys (None:
               "tokenizer_max_length", "vae_batch_size", "write_batch_size", "offload_during_startup",
               "enable_group_offload", "group_offload_blocks_per_group", "group_offload_use_stream",
               "group_offload_text_encoder", "group_offload_vae", "quantize_via"):
-        v = _get(config, k)
+        v = spec_get(config, k)
         if v is not None: s[k] = v
     if s.get("lora_type") == "standard": s["lora_type"] = "lora"
     if s.get("base_model_precision") == "no-change": s["base_model_precision"] = "no_change"
     if s.get("text_encoder_1_precision") == "no-change": s["text_encoder_1_precision"] = "no_change"
-    vd = _get(config, "vae_dtype")
+    vd = spec_get(config, "vae_dtype")
     if vd not in (None, "default"): s["vae_dtype"] = vd
-    res, rtype = _get(config, "resolution", 1024), _get(config, "resolution_type", "pixel_area")
+    res, rtype = spec_get(config, "resolution", 1024), spec_get(config, "resolution_type", "pixel_area")
     found, wb = _from_datasets(config, res, rtype)
     if found: s["resolution"], s["references"], s["reference_resolution"] = found
     else: s["resolution"] = _side(res, rtype); s["reference_resolution"] = s["resolution"]
     if wb: s["write_batch_size"] = wb
-    s["validation_resolution"] = _parse_wh(_get(config, "validation_resolution", "1024x1024"))
-    gpus = _get(config, "num_processes")
+    s["validation_resolution"] = _parse_wh(spec_get(config, "validation_resolution", "1024x1024"))
+    gpus = spec_get(config, "num_processes")
     if gpus: s["gpus"] = int(gpus)
-    if _get(config, "fsdp_enable", False): s["strategy"] = "fsdp2"
+    if spec_get(config, "fsdp_enable", False): s["strategy"] = "fsdp2"
     s.update(overrides)
     if isinstance(s.get("flux_lora_target"), list): s["flux_lora_target"] = tuple(s["flux_lora_target"])
     return replace(d, **s).check()

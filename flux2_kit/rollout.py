@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import torch
-from .flow import FlowOutput, FlowSettings, _check_batch, flow_draws, flow_match_loss, flow_predict, sample_sigmas
+from .flow import FlowOutput, FlowSettings, _check_batch, flow_draws, flow_match_loss, flow_predict
 from .lora import unwrap_model
 
 # %% auto #0

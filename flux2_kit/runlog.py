@@ -8,16 +8,27 @@ import dataclasses, datetime, errno, hashlib, json, math, os, re, secrets, shuti
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from fastcore.basics import patch
-from .config import is_path_name, slug
 
 # %% auto #0
 __all__ = ['EVENT_TYPES', 'CONTROL_DEFAULTS', 'CONTROL_MAX_BYTES', 'MAX_PREVIEW_GUIDANCE', 'LOCK_NAME', 'RUN_FILES',
-           'BASE_PREFIX', 'GUIDANCE_SEP', 'SCALE_SEP', 'MODEL_PREFIX', 'to_jsonable', 'dumps', 'stable_hash',
-           'clean_orphan_tmp', 'sha256_file', 'fsync_dir', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'make_event', 'EventWriter', 'EventReader', 'read_events', 'ControlError',
-           'validate_control', 'read_control', 'write_control', 'request_preview', 'reset_control', 'ControlPoller',
-           'library_versions', 'step_dirname', 'RunDir', 'RunLockedError', 'preview_image_name', 'parse_preview_name',
-           'guidance_image_name']
+           'BASE_PREFIX', 'GUIDANCE_SEP', 'SCALE_SEP', 'MODEL_PREFIX', 'is_path_name', 'slug', 'to_jsonable', 'dumps',
+           'stable_hash', 'clean_orphan_tmp', 'sha256_file', 'fsync_dir', 'atomic_write', 'atomic_write_bytes',
+           'atomic_write_text', 'atomic_write_json', 'make_event', 'EventWriter', 'EventReader', 'read_events',
+           'ControlError', 'validate_control', 'read_control', 'write_control', 'request_preview', 'reset_control',
+           'ControlPoller', 'library_versions', 'step_dirname', 'RunDir', 'RunLockedError', 'preview_image_name',
+           'parse_preview_name', 'guidance_image_name']
+
+# %% ../nbs/10_runlog.ipynb #b6f0e54c
+_PATH_NAME = re.compile(r"[^\W_][\w .+@-]{0,127}")
+
+def is_path_name(name: str) -> bool:
+    "Can `name` (a dataset id, a prompt name) become one file or folder name? No separators, no '..', no leading dot."
+    return isinstance(name, str) and bool(_PATH_NAME.fullmatch(name)) and name.rstrip(" .") == name
+
+def slug(name: str) -> str:
+    "`name` as a safe file name: runs of other characters become '_' ('my cat!' -> 'my_cat')."
+    s = re.sub(r"_{2,}", "_", re.sub(r"[^\w.+@-]+", "_", str(name))).strip("._") or "x"  # "__" is kept for suffixes
+    return s[:128]
 
 # %% ../nbs/10_runlog.ipynb #053dbb29
 def _nonfinite(x: float):

@@ -6,13 +6,15 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 import torch
 from .flow import FlowSettings, flow_match_loss
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'LR_SCHEDULERS', 'make_accelerator', 'make_optimizer', 'make_lr_scheduler', 'stochastic_bf16',
-           'AdamWBF16', 'StepResult', 'to_device', 'prepare_training', 'compile_blocks', 'train_step', 'train_epoch']
+__all__ = ['OPTIMIZERS', 'LR_SCHEDULERS', 'make_accelerator', 'tracker_kwargs', 'make_optimizer', 'make_lr_scheduler',
+           'stochastic_bf16', 'AdamWBF16', 'StepResult', 'to_device', 'prepare_training', 'compile_blocks',
+           'train_step', 'train_epoch']
 
 # %% ../nbs/08_train.ipynb #b0802d54
 def make_accelerator(mixed_precision: str = "no",  # "no", "bf16" or "fp16" (fp16 needs a GPU)
@@ -27,6 +29,20 @@ def make_accelerator(mixed_precision: str = "no",  # "no", "bf16" or "fp16" (fp1
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
                        cpu=cpu, **kwargs)
+
+def tracker_kwargs(cfg) -> dict:
+    "`make_accelerator`'s `log_with` for the config's `report_to` trackers, with a clear error when one is not installed."
+    names = cfg.trackers
+    if not names: return {}
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    from flux2_kit.config import ConfigError
+    have = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    missing = [n for n in names if not have.get(n, False)]
+    if missing:
+        raise ConfigError(f"report_to={cfg.report_to!r} needs {' and '.join(missing)}, which is not installed: "
+                          f"`pip install {' '.join(missing)}`, or set report_to to 'none'", key="report_to",
+                          value=cfg.report_to)
+    return dict(log_with=names, project_dir=str(Path(cfg.output_dir) / "logs"))
 
 # %% ../nbs/08_train.ipynb #0832d062
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16")

@@ -8,7 +8,8 @@ import json, os, time
 from pathlib import Path
 from fastcore.basics import patch
 
-from .config import Config, ConfigError, load_config
+from . import distributed
+from .config import Config, load_config
 from .runlog import RunDir, preview_image_name, stable_hash
 
 # %% auto #0
@@ -95,11 +96,11 @@ def accelerator(self: Trainer):
     "The run's `Accelerator`, made on first use (CPU-only machines get `cpu=True`, so several processes use gloo)."
     if self._accelerator is None:
         import torch
-        from flux2_kit.train import make_accelerator
+        from flux2_kit.train import make_accelerator, tracker_kwargs
         c = self.cfg
         mp = c.mixed_precision if c.mixed_precision != "fp16" or torch.cuda.is_available() else "no"  # refused by `check`
         self._accelerator = make_accelerator(mp, c.gradient_accumulation_steps, cpu=not torch.cuda.is_available(),
-                                             **_tracker_kwargs(c))
+                                             **tracker_kwargs(c))
     return self._accelerator
 
 @patch(as_prop=True)
@@ -119,19 +120,6 @@ def strategy(self: Trainer) -> str:
     if self._strategy is None:
         self._strategy = "fsdp2" if self.cfg.fsdp_enable and self.accelerator.num_processes > 1 else "ddp"
     return self._strategy
-
-def _tracker_kwargs(cfg) -> dict:
-    "`log_with` for accelerate's trackers, with a clear error when one is not installed."
-    names = cfg.trackers
-    if not names: return {}
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-    have = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    missing = [n for n in names if not have.get(n, False)]
-    if missing:
-        raise ConfigError(f"report_to={cfg.report_to!r} needs {' and '.join(missing)}, which is not installed: "
-                          f"`pip install {' '.join(missing)}`, or set report_to to 'none'", key="report_to",
-                          value=cfg.report_to)
-    return dict(log_with=names, project_dir=str(Path(cfg.output_dir) / "logs"))
 
 # %% ../nbs/11_trainer.ipynb #ce9e209f
 def tiny_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
@@ -383,14 +371,13 @@ def build_lora(self: Trainer):
     from flux2_kit.flow import make_generator
     from flux2_kit.lora import build_lora
     from flux2_kit.models import load_transformer
-    from flux2_kit.train import make_lr_scheduler, make_optimizer, prepare_training
+    from flux2_kit.train import make_lr_scheduler, make_optimizer
     from accelerate.utils import set_seed
     c, acc = self.cfg, self.accelerator
     if self.transformer is not None: return self.lora_info
     self.check()
     if acc.num_processes > 1:  # the refusals of `launch` also hold under `accelerate launch` from a terminal
-        from flux2_kit.launch import check_strategy
-        check_strategy(c, self.strategy, cuda=acc.device.type == "cuda")
+        distributed.check_strategy(c, self.strategy, cuda=acc.device.type == "cuda")
     set_seed(c.seed)  # python, numpy and torch: the LoRA's random init is the same for a seed, on every process
     # group offloading is applied below, after the LoRA and TREAD (its hooks must wrap TREAD's forward): load on cpu
     tr = load_transformer(c.model_path, precision=c.base_model_precision, default_dtype=c.base_model_default_dtype,
@@ -400,7 +387,7 @@ def build_lora(self: Trainer):
     self.lora_info = build_lora(tr, target if kind == "preset" else target, rank=c.lora_rank,
                                 alpha=c.effective_lora_alpha, dropout=c.lora_dropout, lora_type=c.lora_type,
                                 init=True if c.lora_init_type == "default" else c.lora_init_type, use_dora=c.use_dora)
-    self.generator = make_generator(c.seed)  # the same stream on every rank: each takes its slice (`_global_draws`)
+    self.generator = make_generator(c.seed)  # the same stream on every rank: each takes its slice (`global_draws`)
     if c.tread_config:
         from flux2_kit.tread import enable_tread
         self.router = enable_tread(tr, c.tread_config, self.generator)
@@ -411,19 +398,13 @@ def build_lora(self: Trainer):
     if c.compile_transformer:  # regional torch.compile of the blocks; compiles on the first step
         from flux2_kit.train import compile_blocks
         compile_blocks(tr)
-    if self.strategy == "fsdp2":  # shard every block, then the root, before the optimizer sees the parameters
-        from flux2_kit.launch import fsdp2_wrap
-        fsdp2_wrap(tr, acc)
+    tr = distributed.shard(tr, acc, self.strategy)  # FSDP2: before the optimizer sees the parameters
     opt = make_optimizer(tr, c.optimizer, lr=c.learning_rate, weight_decay=c.adam_weight_decay,
                          betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
     sched = make_lr_scheduler(opt, c.lr_scheduler, warmup_steps=c.lr_warmup_steps, total_steps=self.max_steps,
                               num_cycles=c.lr_num_cycles, power=c.lr_power, num_processes=acc.num_processes)
-    if self.strategy == "fsdp2":  # already sharded: accelerate prepares only the optimizer and scheduler (no DDP)
-        if c.gradient_checkpointing: tr.enable_gradient_checkpointing()
-        tr.train()
-        self.transformer, (self.optimizer, self.lr_scheduler) = tr, acc.prepare(opt, sched)
-    else: self.transformer, self.optimizer, self.lr_scheduler = prepare_training(acc, tr, opt, sched,
-                                                                                c.gradient_checkpointing)
+    self.transformer, self.optimizer, self.lr_scheduler = distributed.prepare(acc, tr, opt, sched, self.strategy,
+                                                                              c.gradient_checkpointing)
     return self.lora_info
 
 @patch(as_prop=True)
@@ -516,35 +497,6 @@ def make_batch(self: Trainer, dataset_id: str, indices: list) -> dict:
     return batch
 
 # %% ../nbs/11_trainer.ipynb #edde4782
-from contextlib import contextmanager
-
-@contextmanager
-def _global_draws(self: Trainer):
-    """Several processes: draw the sigmas of the whole global batch from the shared generator and keep this rank's
-    slice, position the generator at this rank's slice of the global noise, and afterwards move every rank to the end
-    of the global draws. So a step's randomness depends on the global batch, not on the world size (constant guidance;
-    CPU generator: `randn` of n values consumes exactly n draws). Scheduled sampling's coins and rollout lengths, drawn
-    after the noise, are global too: drawn for the whole global batch, this rank's slice passed to the loss (`draws`).
-    Yields `(sigmas, draws)`; one process: nothing changes (yields `(None, None)`: the loss draws everything itself)."""
-    acc = self.accelerator
-    if acc.num_processes == 1 or self.generator is None: yield None, None; return
-    import torch
-    from flux2_kit.flow import sample_sigmas
-    from flux2_kit.rollout import rollout_draws, rollout_probability
-    g, lat = self.generator, self.batch["latents"]
-    n, r, b, per = acc.num_processes, acc.process_index, lat.shape[0], lat[0].numel()
-    sig = sample_sigmas(b * n, self.flow_settings, g, image_seq_len=lat.shape[2] * lat.shape[3])[r * b:(r + 1) * b]
-    start = g.get_state()
-    torch.randn(n * b * per, generator=g, device=g.device)  # past the global noise
-    rs, draws = self.rollout_settings, None
-    if rs is not None and rollout_probability(rs, self.step) > 0:  # the loss rolls out this step: global coins, lengths
-        draws = tuple(d[r * b:(r + 1) * b] for d in rollout_draws(rs, n * b, g))
-    end = g.get_state()  # every rank continues from the end of the global draws
-    g.set_state(start)
-    if r: torch.randn(r * b * per, generator=g, device=g.device)
-    yield sig, draws
-    g.set_state(end)
-
 @patch
 def begin(self: Trainer):
     "Start the run once: the `before_fit` callbacks (run.json, run_start, progress bar, control file); `train_epoch` and `fit` call it, later calls do nothing."
@@ -578,9 +530,9 @@ def _train_epoch(self: Trainer, max_steps: int | None = None):
             try: run_callbacks(self.callbacks, "before_step", self)
             except CancelStepException: continue
             t0 = time.perf_counter()
-            if self.strategy == "fsdp2" and c.gradient_accumulation_steps > 1:  # accelerate's next micro-step syncs?
-                self.transformer.set_requires_gradient_sync((acc.step + 1) % c.gradient_accumulation_steps == 0)
-            with _global_draws(self) as (sigmas, draws):
+            distributed.sync_next_step(self.transformer, acc, self.strategy, c.gradient_accumulation_steps)
+            with distributed.global_draws(acc, self.generator, self.batch["latents"], self.flow_settings, rollout,
+                                          self.step) as (sigmas, draws):
                 loss_fn = None if rollout is None else functools.partial(  # scheduled sampling (off by default)
                     flow_match_loss_with_rollout, rollout=rollout, step=self.step, draws=draws)
                 r = train_step(acc, self.transformer, self.optimizer, self.lr_scheduler,
@@ -732,17 +684,14 @@ def resume_meta(self: Trainer) -> dict:
 def save(self: Trainer) -> Path | None:
     "Write a checkpoint of the current step (rank 0), then prune this run's checkpoints to `checkpoints_total_limit`; returns its folder."
     from flux2_kit.checkpoint import capture_rng, prune_checkpoints, save_checkpoint
-    from flux2_kit.lora import lora_state_dict
     acc = self.accelerator
     acc.wait_for_everyone()
     rng = capture_rng({"flow": self.generator})
     opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
     sched = self.lr_scheduler.scheduler if hasattr(self.lr_scheduler, "scheduler") else self.lr_scheduler
-    if self.strategy == "fsdp2":  # a collective: every rank gathers the shards, rank 0 writes the full state
-        from flux2_kit.launch import fsdp2_full_state
-        lora, opt_state = fsdp2_full_state(self.transformer, opt)
-    if not self.is_main: return None
-    if self.strategy != "fsdp2": lora, opt_state = lora_state_dict(self.transformer), opt.state_dict()
+    state = distributed.training_state(self.transformer, opt, self.strategy, self.is_main)  # FSDP2: a collective
+    if state is None: return None  # only rank 0 writes
+    lora, opt_state = state
     try: p = save_checkpoint(self.rundir.checkpoints_dir, self.step, lora,
                              optimizer_state=opt_state, scheduler_state=sched.state_dict(),
                              sampler_state=self.data_sampler.state_dict(), rng=rng, meta=self.resume_meta(),
@@ -765,8 +714,7 @@ def resume(self: Trainer,
           ) -> Path | None:
     "Load the checkpoint this run continues (LoRA, optimizer, LR schedule, data position, generators); returns it, or None when the run starts at step 0."
     from flux2_kit.checkpoint import check_resume_compatible, load_checkpoint, restore_rng
-    from flux2_kit.lora import adapter_name_of, unwrap_model
-    from peft import set_peft_model_state_dict
+    from flux2_kit.lora import unwrap_model
     if self.claim is None: self.check(resume=_CONFIG if checkpoint is None else str(checkpoint))
     elif checkpoint is not None and self.resumed_from is None and (self.claim.checkpoint is None or (
             str(checkpoint) != "latest" and Path(checkpoint).name != self.claim.checkpoint.name)):
@@ -782,15 +730,9 @@ def resume(self: Trainer,
     if (saved == "fsdp2") != (self.strategy == "fsdp2"):
         raise RuntimeError(f"{path} was written by a strategy={saved!r} run and its optimizer state does not fit a "
                            f"strategy={self.strategy!r} run: resume with strategy={saved!r}, or start a new output_dir")
-    model = unwrap_model(self.transformer)
     opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-    if self.strategy == "fsdp2":  # every rank loads the full state into its shards
-        from flux2_kit.launch import fsdp2_load_full_state
-        fsdp2_load_full_state(model, opt, ck["tensors"], ck["optimizer_state"], where=path)
-    else:
-        res = set_peft_model_state_dict(model, ck["tensors"], adapter_name=adapter_name_of(model))
-        if getattr(res, "unexpected_keys", None): raise RuntimeError(f"{path}: unexpected LoRA keys {res.unexpected_keys[:5]}")
-        opt.load_state_dict(ck["optimizer_state"])
+    distributed.load_training_state(unwrap_model(self.transformer), opt, ck["tensors"], ck["optimizer_state"],
+                                    self.strategy, where=path)
     sched = self.lr_scheduler.scheduler if hasattr(self.lr_scheduler, "scheduler") else self.lr_scheduler
     sched.load_state_dict(ck["scheduler_state"])
     self.data_sampler.load_state_dict(ck["sampler_state"])
@@ -809,10 +751,7 @@ def export(self: Trainer,
     from flux2_kit.export import export_lora
     formats = self.cfg.lora_export_formats if formats is None else formats
     self.accelerator.wait_for_everyone()
-    full = None
-    if self.strategy == "fsdp2":  # a collective: every rank gathers the LoRA shards, rank 0 writes
-        from flux2_kit.launch import full_lora_state_dict
-        full = full_lora_state_dict(self.transformer)
+    full = distributed.export_state(self.transformer, self.strategy)  # FSDP2: a collective, rank 0 writes
     if not self.is_main: return {}
     out = Path(out_dir) if out_dir is not None else self.rundir.lora_dir
     res = export_lora(self.transformer, out, formats=formats, state_dict=full)

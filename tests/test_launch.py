@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flux2_kit.launch import LaunchError, check_port, full_lora_state_dict, fsdp2_shard, launch
+from flux2_kit.distributed import LaunchError, full_lora_state_dict, fsdp2_shard
+from flux2_kit.launch import check_port, launch
 from flux2_kit.check import CheckError
 from flux2_kit.trainer import Callback, tiny_config
 

@@ -7,8 +7,9 @@ from PIL import Image
 
 from flux2_kit.buckets import make_buckets
 from flux2_kit.data import scan_dataset
-from flux2_kit.panels import (BASE_PREFIX, BucketInspector, Dashboard, GuidancePanel, TrainingMonitor, ValidationGrid,
-                              draw_crop, guidance_image_name, parse_preview_name, scan_previews)
+from flux2_kit.panels import (BucketInspector, Dashboard, GuidancePanel, TrainingMonitor, ValidationGrid,
+                              draw_crop, scan_previews)
+from flux2_kit.runlog import BASE_PREFIX, guidance_image_name, parse_preview_name  # the preview-name contract
 from flux2_kit.runlog import ControlPoller, RunDir, read_control
 from flux2_kit.sample import sample_dataset
 
