@@ -13,8 +13,8 @@ from fastcore.basics import patch
 from .runlog import atomic_write_text, is_path_name, slug
 
 # %% auto #0
-__all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'PRECISIONS', 'LORA_TARGET_PRESETS', 'LORA_EXPORT_FORMATS',
-           'LR_SCHEDULERS', 'TRACKERS', 'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED',
+__all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'DTYPE_NAMES', 'QUANTO_TYPES', 'PRECISIONS', 'LORA_TARGET_PRESETS',
+           'LORA_EXPORT_FORMATS', 'LR_SCHEDULERS', 'TRACKERS', 'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED',
            'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError', 'closest', 'did_you_mean', 'spec_get', 'spec_id',
            'parse_resolutions', 'parse_lora_target', 'check_tread_config', 'parse_report_to', 'Config', 'config_keys',
            'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config',
@@ -114,7 +114,9 @@ DEFAULT_MODEL_PATHS = {  # what pretrained_model_name_or_path=None means, per fl
     "klein-9b": "black-forest-labs/FLUX.2-klein-base-9B",
 }
 TINY_PREFIX = "flux2-tiny:"  # pretrained_model_name_or_path "flux2-tiny:dev" / "flux2-tiny:klein": flux2_kit.tiny.flux2_tiny
-PRECISIONS = ("no_change", "bf16", "fp16", "fp32", "int8-quanto", "int4-quanto", "fp8-quanto")
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # SimpleTuner's dtype names -> torch's
+QUANTO_TYPES = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2", "fp8-quanto": "qfloat8"}  # -> optimum.quanto's weight types
+PRECISIONS = ("no_change", *DTYPE_NAMES, *QUANTO_TYPES)  # base_model_precision / text_encoder_1_precision: the one list
 LORA_TARGET_PRESETS = ("all", "attention", "mlp", "tiny")  # the quickstart's flux_lora_target presets
 LORA_EXPORT_FORMATS = ("diffusers", "comfyui", "kohya")  # what `lora/` can hold (flux2_kit.export writes them)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")

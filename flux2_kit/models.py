@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from .config import did_you_mean, spec_get
+from .config import DTYPE_NAMES, PRECISIONS, QUANTO_TYPES, did_you_mean, spec_get
 
 # %% auto #0
-__all__ = ['FLAVOUR_FAMILY', 'TEXT_LAYERS', 'DTYPES', 'QUANTO', 'PRECISIONS', 'GROUP_OFFLOAD_TYPES', 'resolve_model_path',
-           'flavour_family', 'parse_dtype', 'parse_precision', 'source_identity', 'count_params', 'LoadSummary',
-           'TextEncoder', 'load_text_encoder', 'encode_prompts', 'token_lengths', 'load_text_encoder_from_config',
-           'load_vae', 'load_transformer', 'apply_group_offload', 'load_vae_from_config',
-           'load_transformer_from_config', 'free', 'rss_bytes']
+__all__ = ['FLAVOUR_FAMILY', 'TEXT_LAYERS', 'DTYPES', 'QUANTO', 'GROUP_OFFLOAD_TYPES', 'resolve_model_path', 'flavour_family',
+           'parse_dtype', 'parse_precision', 'source_identity', 'count_params', 'LoadSummary', 'TextEncoder',
+           'load_text_encoder', 'encode_prompts', 'token_lengths', 'load_text_encoder_from_config', 'load_vae',
+           'load_transformer', 'apply_group_offload', 'load_vae_from_config', 'load_transformer_from_config', 'free',
+           'rss_bytes']
 
 # %% ../nbs/03_models.ipynb #f6e04749
 def resolve_model_path(name: str | Path,  # local folder, hub id, or "flux2-tiny:dev" / "flux2-tiny:klein" / "flux2-small:dev" ...
@@ -52,10 +52,8 @@ def flavour_family(flavour: str,  # SimpleTuner `model_flavour`: "dev", "klein-4
     return FLAVOUR_FAMILY[flavour]
 
 # %% ../nbs/03_models.ipynb #dab40b37
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-QUANTO = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2", "fp8-quanto": "qfloat8"}
-PRECISIONS = ("no_change", *DTYPES, *QUANTO)
+DTYPES = {**{n: getattr(torch, t) for n, t in DTYPE_NAMES.items()}, **{t: getattr(torch, t) for t in DTYPE_NAMES.values()}}
+QUANTO = QUANTO_TYPES  # precision name -> optimum.quanto weight type (config owns both lists)
 
 def parse_dtype(name: str | torch.dtype,  # "bf16" / "fp16" / "fp32" (or the long names, or a torch.dtype)
                 key: str = "base_model_default_dtype",  # the config key named in errors

@@ -18,7 +18,7 @@ from .config import Config, load_config
 
 # %% auto #0
 __all__ = ['GUIDANCE_KEYS', 'Panel', 'process_alive', 'TrainingMonitor', 'draw_crop', 'BucketInspector', 'scan_previews',
-           'ValidationGrid', 'update_config_file', 'GuidancePanel', 'checkpoint_renderer', 'Dashboard']
+           'ValidationGrid', 'update_config_file', 'GuidancePanel', 'checkpoint_renderer', 'PlannerPanel', 'Dashboard']
 
 # %% ../nbs/15_panels.ipynb #30228092
 _STEP_DIR = re.compile(r"^step-(\d+)$")  # runlog.step_dirname's folders
@@ -1172,6 +1172,125 @@ def checkpoint_renderer(config,  # the run's Config or config path (its output_d
         return {k: v for k, v in ims.items() if base or not k.startswith(BASE_PREFIX)}
     render.state = state
     return render
+
+# %% ../nbs/15_panels.ipynb #9df30e85
+from . import plan as _plan
+from .config import PRECISIONS
+from .plan import FLAVOURS, GiB, OPTIMIZER_STATE_BYTES, STRATEGIES, Plan, PlanError, resolve_settings
+
+
+class PlannerPanel:
+    "Will it fit? Model, precisions, batch, resolution, checkpointing, GPUs and GPU memory in; a bar chart per phase out."
+    def __init__(self,
+                 config=None,  # a config (object or dict with SimpleTuner keys) to start from
+                 gpu_memory_gb: float = 80,  # memory per GPU in GiB
+                 gpus: int | None = None,  # processes, one GPU each (default: the config's, else 1)
+                ):
+        import ipywidgets as W
+        self.config = config
+        s = resolve_settings(config, **({"gpus": gpus} if gpus else {}))
+        models = list(FLAVOURS) + ([s.model] if s.model not in FLAVOURS else [])
+        self.model = W.Dropdown(options=models, value=s.model, description="model")
+        self.base_model_precision = W.Dropdown(options=PRECISIONS, value=s.base_model_precision, description="transformer")
+        self.text_encoder_1_precision = W.Dropdown(options=PRECISIONS, value=s.text_encoder_1_precision, description="text enc.")
+        self.optimizer = W.Dropdown(options=list(OPTIMIZER_STATE_BYTES), value=s.optimizer, description="optimizer")
+        self.train_batch_size = W.IntSlider(value=s.train_batch_size, min=1, max=16, description="batch")
+        self.resolution = W.IntSlider(value=s.resolution, min=256, max=2048, step=64, description="resolution")
+        self.lora_rank = W.Dropdown(options=sorted({4, 8, 16, 32, 64, 128, s.lora_rank}), value=s.lora_rank, description="rank")
+        self.gradient_checkpointing = W.Checkbox(value=s.gradient_checkpointing, description="gradient checkpointing")
+        self.gpus = W.Dropdown(options=sorted({1, 2, 4, 8, s.gpus}), value=s.gpus, description="GPUs")
+        self.strategy = W.ToggleButtons(options=list(STRATEGIES), value=s.strategy, description="strategy")
+        self.gpu_memory_gb = W.FloatSlider(value=gpu_memory_gb, min=8, max=192, step=1, description="GiB/GPU")
+        self.verdict, self.chart, self.errors = W.HTML(), W.Output(), W.Output()
+        self.controls = [self.model, self.base_model_precision, self.text_encoder_1_precision, self.optimizer,
+                         self.train_batch_size, self.resolution, self.lora_rank, self.gradient_checkpointing,
+                         self.gpus, self.strategy, self.gpu_memory_gb]
+        self.error, self._plan = None, None
+        self._on_change = self.errors.capture(clear_output=True)(self._refresh)
+        for w in self.controls: w.observe(self._on_change, names="value")
+        self.widget = W.VBox([W.HBox(self.controls[:4]), W.HBox(self.controls[4:8]), W.HBox(self.controls[8:]),
+                              self.verdict, self.chart, self.errors])
+        self._on_change()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+# %% ../nbs/15_panels.ipynb #e9f1194c
+@patch
+def overrides(self: PlannerPanel) -> dict:
+    "The widgets' values as plan settings."
+    return dict(model=self.model.value, base_model_precision=self.base_model_precision.value,
+                text_encoder_1_precision=self.text_encoder_1_precision.value, optimizer=self.optimizer.value,
+                train_batch_size=self.train_batch_size.value, resolution=self.resolution.value, lora_rank=self.lora_rank.value,
+                gradient_checkpointing=self.gradient_checkpointing.value, gpus=self.gpus.value, strategy=self.strategy.value)
+
+# %% ../nbs/15_panels.ipynb #e0f2a974
+@patch
+def _refresh(self: PlannerPanel, change=None):
+    "Recompute the plan and redraw (errors land in `self.errors` and `self.error`)."
+    try:
+        self._plan = _plan.plan(self.config, gpu_memory_gb=self.gpu_memory_gb.value, **self.overrides())
+        self.error = None
+    except PlanError as e:
+        self._plan, self.error = None, str(e)
+        self.verdict.value = f"<b style='color:#b00'>cannot plan:</b> {e}"
+        with self.chart: self.chart.clear_output()
+        raise
+    p = self._plan
+    colour = "#070" if p.fits else "#b00"
+    adv = "".join(f"<li>{a}</li>" for a in p.advice)
+    self.verdict.value = (f"<b style='color:{colour}'>{'fits' if p.fits else 'does not fit'}</b>: peak "
+                          f"{p.peak / GiB:.1f} GiB per GPU in the {p.peak_phase} phase of {self.gpu_memory_gb.value:.0f} GiB"
+                          + (f"<br>cheapest change that fits:<ul>{adv}</ul>" if adv else ""))
+    with self.chart:
+        self.chart.clear_output(wait=True)
+        from IPython.display import display
+        display(self.figure())
+
+# %% ../nbs/15_panels.ipynb #a1d79fd9
+@patch
+def figure(self: PlannerPanel):
+    "A stacked bar per phase (the peak step's components), with the GPU's memory as a line."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3.2)); ax = fig.add_subplot()
+    bars = self.bars()
+    names = list(dict.fromkeys(c for comps in bars.values() for c in comps))
+    cmap = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    for i, (phase, comps) in enumerate(bars.items()):
+        bottom = 0.0
+        for n, v in comps.items():
+            ax.bar(i, v, bottom=bottom, color=cmap[n], label=n if i == list(bars).index(next(k for k, c in bars.items() if n in c)) else None)
+            bottom += v
+    ax.axhline(self.gpu_memory_gb.value, color="k", ls="--", lw=1)
+    ax.set_xticks(range(len(bars)), list(bars)); ax.set_ylabel("GiB per GPU")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1)); fig.tight_layout()
+    return fig
+
+# %% ../nbs/15_panels.ipynb #ed018ca0
+@patch
+def bars(self: PlannerPanel) -> dict:
+    "GiB per component of each phase's peak step: {phase: {component: GiB}} (plain data)."
+    if self._plan is None: return {}
+    return {k: {c: ph.components[c] / GiB for c in ph.steps[ph.peak_step] if ph.components[c]} for k, ph in self._plan.phases.items()}
+
+# %% ../nbs/15_panels.ipynb #317c1e70
+@patch
+def peaks(self: PlannerPanel) -> dict:
+    "Peak GiB per GPU of each phase."
+    return {} if self._plan is None else {k: ph.peak / GiB for k, ph in self._plan.phases.items()}
+
+# %% ../nbs/15_panels.ipynb #1283a5c7
+@patch
+def fits(self: PlannerPanel) -> bool | None: return None if self._plan is None else self._plan.fits
+
+# %% ../nbs/15_panels.ipynb #f46a64d6
+@patch
+def advice(self: PlannerPanel) -> list: return [] if self._plan is None else self._plan.advice
+
+# %% ../nbs/15_panels.ipynb #a9f0c629
+@patch
+def plan(self: PlannerPanel) -> Plan | None: return self._plan
 
 # %% ../nbs/15_panels.ipynb #60b1de8c
 class Dashboard(Panel):

@@ -7,18 +7,18 @@ from __future__ import annotations
 import ctypes, functools, gc, json, math, os, re, subprocess, sys, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
-from .config import did_you_mean, spec_get
+from .config import DTYPE_NAMES, PRECISIONS, QUANTO_TYPES, did_you_mean, spec_get
 
 # %% auto #0
 __all__ = ['MISTRAL_SMALL_3_1', 'QWEN3_4B', 'QWEN3_8B', 'FLUX2_TRANSFORMERS', 'TEXT_ENCODERS', 'STACKED_LAYERS', 'FLAVOURS',
-           'DTYPE_BYTES', 'QUANTO', 'PRECISIONS', 'OPTIMIZER_STATE_BYTES', 'STRATEGIES', 'TRANSIENT', 'INFER_PER_TOKEN',
+           'DTYPE_BYTES', 'QUANTO', 'OPTIMIZER_STATE_BYTES', 'STRATEGIES', 'TRANSIENT', 'INFER_PER_TOKEN',
            'TEXT_TRANSIENT', 'VAE_ENCODE_PER_PIXEL', 'VAE_DECODE_PER_PIXEL', 'GiB', 'CUDA_OVERHEAD', 'CPU_OVERHEAD',
-           'RUNTIME', 'QUICKSTART_CONFIGS', 'PANEL_PRECISIONS', 'PlanError', 'ModelSpec', 'model_spec', 'Tally',
-           'TransformerCounts', 'transformer_counts', 'TextEncoderCounts', 'text_encoder_counts', 'VaeCounts',
-           'vae_counts', 'LoraCounts', 'lora_counts', 'check_precision', 'weight_bytes', 'compute_bytes',
-           'PlanSettings', 'resolve_settings', 'block_activation_bytes', 'saved_bytes_per_block', 'measure_peak',
-           'Activations', 'transformer_activations', 'inference_activations', 'text_activations', 'vae_activations',
-           'Phase', 'Plan', 'plan', 'check_plan', 'memory_table', 'PlannerPanel']
+           'RUNTIME', 'QUICKSTART_CONFIGS', 'PlanError', 'ModelSpec', 'model_spec', 'Tally', 'TransformerCounts',
+           'transformer_counts', 'TextEncoderCounts', 'text_encoder_counts', 'VaeCounts', 'vae_counts', 'LoraCounts',
+           'lora_counts', 'check_precision', 'weight_bytes', 'compute_bytes', 'PlanSettings', 'resolve_settings',
+           'block_activation_bytes', 'saved_bytes_per_block', 'measure_peak', 'Activations', 'transformer_activations',
+           'inference_activations', 'text_activations', 'vae_activations', 'Phase', 'Plan', 'plan', 'check_plan',
+           'memory_table']
 
 # %% ../nbs/14_plan.ipynb #a69a4c1c
 class PlanError(ValueError):
@@ -248,7 +248,7 @@ def lora_counts(spec: ModelSpec, preset="all", rank: int = 16, lora_type: str = 
 # %% ../nbs/14_plan.ipynb #cd39c093
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 QUANTO = {"int8-quanto": (1.0, None), "fp8-quanto": (1.0, None), "int4-quanto": (0.5, 128), "int2-quanto": (0.25, 128)}  # bytes/weight, group
-PRECISIONS = ("no_change", *DTYPE_BYTES, *QUANTO)
+assert set(QUANTO) == set(QUANTO_TYPES) and set(DTYPE_NAMES) <= set(DTYPE_BYTES)  # the same names as the config's
 
 def _suggest(value, choices) -> str: return did_you_mean(value, choices, 0.6, " (", ")")
 
@@ -970,106 +970,3 @@ def memory_table(flavour: str = "dev",  # model_flavour
             cells.append(f"{p.phases['training'].peak / GiB:.1f}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-# %% ../nbs/14_plan.ipynb #9df30e85
-PANEL_PRECISIONS = ("no_change", "bf16", "fp16", "fp32", "int8-quanto", "fp8-quanto", "int4-quanto", "int2-quanto")
-
-class PlannerPanel:
-    "Will it fit? Model, precisions, batch, resolution, checkpointing, GPUs and GPU memory in; a bar chart per phase out."
-    def __init__(self,
-                 config=None,  # a config (object or dict with SimpleTuner keys) to start from
-                 gpu_memory_gb: float = 80,  # memory per GPU in GiB
-                 gpus: int | None = None,  # processes, one GPU each (default: the config's, else 1)
-                ):
-        import ipywidgets as W
-        self.config = config
-        s = resolve_settings(config, **({"gpus": gpus} if gpus else {}))
-        models = list(FLAVOURS) + ([s.model] if s.model not in FLAVOURS else [])
-        self.model = W.Dropdown(options=models, value=s.model, description="model")
-        self.base_model_precision = W.Dropdown(options=PANEL_PRECISIONS, value=s.base_model_precision, description="transformer")
-        self.text_encoder_1_precision = W.Dropdown(options=PANEL_PRECISIONS, value=s.text_encoder_1_precision, description="text enc.")
-        self.optimizer = W.Dropdown(options=list(OPTIMIZER_STATE_BYTES), value=s.optimizer, description="optimizer")
-        self.train_batch_size = W.IntSlider(value=s.train_batch_size, min=1, max=16, description="batch")
-        self.resolution = W.IntSlider(value=s.resolution, min=256, max=2048, step=64, description="resolution")
-        self.lora_rank = W.Dropdown(options=sorted({4, 8, 16, 32, 64, 128, s.lora_rank}), value=s.lora_rank, description="rank")
-        self.gradient_checkpointing = W.Checkbox(value=s.gradient_checkpointing, description="gradient checkpointing")
-        self.gpus = W.Dropdown(options=sorted({1, 2, 4, 8, s.gpus}), value=s.gpus, description="GPUs")
-        self.strategy = W.ToggleButtons(options=list(STRATEGIES), value=s.strategy, description="strategy")
-        self.gpu_memory_gb = W.FloatSlider(value=gpu_memory_gb, min=8, max=192, step=1, description="GiB/GPU")
-        self.verdict, self.chart, self.errors = W.HTML(), W.Output(), W.Output()
-        self.controls = [self.model, self.base_model_precision, self.text_encoder_1_precision, self.optimizer,
-                         self.train_batch_size, self.resolution, self.lora_rank, self.gradient_checkpointing,
-                         self.gpus, self.strategy, self.gpu_memory_gb]
-        self.error, self._plan = None, None
-        self._on_change = self.errors.capture(clear_output=True)(self._refresh)
-        for w in self.controls: w.observe(self._on_change, names="value")
-        self.widget = W.VBox([W.HBox(self.controls[:4]), W.HBox(self.controls[4:8]), W.HBox(self.controls[8:]),
-                              self.verdict, self.chart, self.errors])
-        self._on_change()
-
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
-# %% ../nbs/14_plan.ipynb #e9f1194c
-def _panel_overrides(self) -> dict:
-    "The widgets' values as plan settings."
-    return dict(model=self.model.value, base_model_precision=self.base_model_precision.value,
-                text_encoder_1_precision=self.text_encoder_1_precision.value, optimizer=self.optimizer.value,
-                train_batch_size=self.train_batch_size.value, resolution=self.resolution.value, lora_rank=self.lora_rank.value,
-                gradient_checkpointing=self.gradient_checkpointing.value, gpus=self.gpus.value, strategy=self.strategy.value)
-
-def _panel_refresh(self, change=None):
-    "Recompute the plan and redraw (errors land in `self.errors` and `self.error`)."
-    try:
-        self._plan = plan(self.config, gpu_memory_gb=self.gpu_memory_gb.value, **self.overrides())
-        self.error = None
-    except PlanError as e:
-        self._plan, self.error = None, str(e)
-        self.verdict.value = f"<b style='color:#b00'>cannot plan:</b> {e}"
-        with self.chart: self.chart.clear_output()
-        raise
-    p = self._plan
-    colour = "#070" if p.fits else "#b00"
-    adv = "".join(f"<li>{a}</li>" for a in p.advice)
-    self.verdict.value = (f"<b style='color:{colour}'>{'fits' if p.fits else 'does not fit'}</b>: peak "
-                          f"{p.peak / GiB:.1f} GiB per GPU in the {p.peak_phase} phase of {self.gpu_memory_gb.value:.0f} GiB"
-                          + (f"<br>cheapest change that fits:<ul>{adv}</ul>" if adv else ""))
-    with self.chart:
-        self.chart.clear_output(wait=True)
-        from IPython.display import display
-        display(self.figure())
-
-def _panel_figure(self):
-    "A stacked bar per phase (the peak step's components), with the GPU's memory as a line."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 3.2)); ax = fig.add_subplot()
-    bars = self.bars()
-    names = list(dict.fromkeys(c for comps in bars.values() for c in comps))
-    cmap = {n: f"C{i % 10}" for i, n in enumerate(names)}
-    for i, (phase, comps) in enumerate(bars.items()):
-        bottom = 0.0
-        for n, v in comps.items():
-            ax.bar(i, v, bottom=bottom, color=cmap[n], label=n if i == list(bars).index(next(k for k, c in bars.items() if n in c)) else None)
-            bottom += v
-    ax.axhline(self.gpu_memory_gb.value, color="k", ls="--", lw=1)
-    ax.set_xticks(range(len(bars)), list(bars)); ax.set_ylabel("GiB per GPU")
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1, 1)); fig.tight_layout()
-    return fig
-
-def _panel_bars(self) -> dict:
-    "GiB per component of each phase's peak step: {phase: {component: GiB}} (plain data)."
-    if self._plan is None: return {}
-    return {k: {c: ph.components[c] / GiB for c in ph.steps[ph.peak_step] if ph.components[c]} for k, ph in self._plan.phases.items()}
-
-def _panel_peaks(self) -> dict:
-    "Peak GiB per GPU of each phase."
-    return {} if self._plan is None else {k: ph.peak / GiB for k, ph in self._plan.phases.items()}
-
-def _panel_fits(self) -> bool | None: return None if self._plan is None else self._plan.fits
-def _panel_advice(self) -> list: return [] if self._plan is None else self._plan.advice
-def _panel_plan(self) -> Plan | None: return self._plan
-
-PlannerPanel.overrides, PlannerPanel._refresh, PlannerPanel.figure = _panel_overrides, _panel_refresh, _panel_figure
-PlannerPanel.bars, PlannerPanel.peaks, PlannerPanel.fits, PlannerPanel.advice = _panel_bars, _panel_peaks, _panel_fits, _panel_advice
-PlannerPanel.plan = _panel_plan

@@ -355,7 +355,7 @@ CHILD = textwrap.dedent(r'''
     import sys, time
     from PIL import Image
     from flux2_kit.runlog import RunDir
-    from flux2_kit.panels import guidance_image_name
+    from flux2_kit.runlog import guidance_image_name
     run = RunDir(sys.argv[1]); poll = run.control_poller()
     run.log_event("run_start", step=0)
     for step in range(1, 3000):

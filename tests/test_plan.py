@@ -103,7 +103,8 @@ def test_real_config_class():
 
 def test_panel_data():
     pytest.importorskip("ipywidgets")
-    panel = P.PlannerPanel({"model_flavour": "klein-4b"}, gpu_memory_gb=24)
+    from flux2_kit.panels import PlannerPanel
+    panel = PlannerPanel({"model_flavour": "klein-4b"}, gpu_memory_gb=24)
     panel.gradient_checkpointing.value = True
     panel.resolution.value = 512
     peaks = panel.peaks()
