@@ -26,10 +26,12 @@ def align(x:float, m:int=ALIGNMENT) -> int:
     "The nearest multiple of `m` to `x` (halves round up), at least `m`."
     return max(m, int(math.floor(x / m + 0.5)) * m)
 
+# %% ../nbs/04b_buckets.ipynb #9e65c1ee
 def aspect_ratio(size:tuple, rounding:int=2) -> float:
     "Width / height rounded to `rounding` decimals (SimpleTuner's aspect_bucket_rounding)."
     return round(size[0] / size[1], rounding)
 
+# %% ../nbs/04b_buckets.ipynb #1f1cac6c
 def target_area(resolution:float, resolution_type:str) -> float:
     "The target area in pixels for the area types."
     if resolution_type == "pixel_area": return float(resolution) ** 2
@@ -37,6 +39,7 @@ def target_area(resolution:float, resolution_type:str) -> float:
         if abs(resolution - mp) < 0.05: return float(px)
     return resolution * 1e6
 
+# %% ../nbs/04b_buckets.ipynb #d355caea
 def target_size(size:tuple, # (width, height) of the image
                 resolution:float=1024, # see resolution_type
                 resolution_type:str="pixel_area", # "pixel_area", "area" or "pixel"
@@ -61,6 +64,7 @@ def _rng(seed:int, *parts) -> np.random.Generator:
     "A generator determined by `seed` and `parts` (stable across processes: no Python hash)."
     return np.random.default_rng([int(seed) & 0xFFFFFFFF] + [zlib.crc32(str(p).encode()) for p in parts])
 
+# %% ../nbs/04b_buckets.ipynb #90bcf804
 def _bucket_config(spec, base=None) -> dict:
     "The validated bucketing keys of `spec` (missing keys fall back to `base`, then SimpleTuner's defaults)."
     sid = spec_id(spec)
@@ -106,12 +110,14 @@ def _too_large(size, cfg) -> bool:
     if rt == "pixel": return w > mx or h > mx
     return w * h > (mx * mx if rt == "pixel_area" else mx * 1e6)
 
+# %% ../nbs/04b_buckets.ipynb #82b81d8f
 def _downsample_scale(size, cfg) -> float:
     "The scale that brings `size` to target_downsample_size (pixel: shorter edge; area types: area)."
     w, h, t, rt = *size, cfg["target_downsample_size"], cfg["resolution_type"]
     if rt == "pixel": return t / min(w, h)
     return math.sqrt((t * t if rt == "pixel_area" else t * 1e6) / (w * h))
 
+# %% ../nbs/04b_buckets.ipynb #4fb1cacb
 def geometry(size:tuple, # (width, height) of the displayed image
              cfg:dict, # from `_bucket_config(spec)`
              rng:np.random.Generator=None, # for crop_style / crop_aspect random
@@ -152,6 +158,7 @@ class Bucket:
         "Width / height of the target, 2 decimals."
         return round(self.size[0] / self.size[1], 2)
 
+# %% ../nbs/04b_buckets.ipynb #ae62c0cc
 @dataclass
 class BucketTable:
     "One dataset's bucketed items, as data: what the latent cache encodes and the BucketInspector shows."
@@ -188,6 +195,7 @@ def _label(size, ref_sizes, loose) -> str:
     s = f"{size[0]}x{size[1]}"
     return s + (" | refs " + ",".join(f"{w}x{h}" for w, h in ref_sizes) if loose else "")
 
+# %% ../nbs/04b_buckets.ipynb #266ee1b4
 def _scale_box(box, src, dst) -> tuple:
     "A crop box of an image of size `src` mapped onto an image of size `dst`."
     sx, sy = dst[0] / src[0], dst[1] / src[1]
@@ -278,6 +286,7 @@ def make_buckets(items:list, # Items from `scan_dataset`
     return BucketTable(sid, out, _group(out, loose), cfg["repeats"], float(spec_get(spec, "caption_dropout_probability", 0.0)),
                        mode, {k: v for k, v in cfg.items()}, report)
 
+# %% ../nbs/04b_buckets.ipynb #c6ed12b2
 def _group(items:list, loose:bool) -> list:
     "Buckets of item positions by (target, reference targets), sorted by aspect, then area."
     groups = {}
@@ -299,6 +308,7 @@ def rows(self:BucketTable, max_paths:int=8) -> list:
                         crops=[list(it.crop) for it in its[:max_paths]]))
     return out
 
+# %% ../nbs/04b_buckets.ipynb #b7cbe663
 @patch
 def item_rows(self:BucketTable) -> list:
     "One dict per image: path, key, displayed size, bucket, crop box, target, scale (>1 means upscaled), caption."
@@ -322,6 +332,7 @@ def prompts(self:BucketTable) -> list:
     if self.caption_dropout_probability > 0: seen.setdefault("", None)
     return list(seen)
 
+# %% ../nbs/04b_buckets.ipynb #cbd0e3a4
 @patch
 def fingerprint(self:BucketTable) -> str:
     "A short hash of what the sampler depends on (items, geometry, references, repeats): detects a changed dataset."
@@ -329,11 +340,13 @@ def fingerprint(self:BucketTable) -> str:
                                                   for it in self.items]], default=list).encode())
     return h.hexdigest()[:16]
 
+# %% ../nbs/04b_buckets.ipynb #04806887
 @patch
 def latent_requests(self:BucketTable, refs:bool=True) -> list:
     "The distinct (path, crop, target) latents this table needs (see `flux2_kit.data.latent_requests`)."
     return latent_requests(self.items, refs)
 
+# %% ../nbs/04b_buckets.ipynb #07151548
 @patch
 def __repr__(self:BucketTable) -> str:
     return (f"BucketTable({self.dataset_id!r}: {len(self.items)} images, {self.samples} samples/epoch, "
@@ -423,11 +436,13 @@ def _epoch_batches(self:BucketBatchSampler, epoch:int) -> list:
     batches = batches[:len(batches) // self.num_replicas * self.num_replicas]
     return batches[self.rank::self.num_replicas]
 
+# %% ../nbs/04b_buckets.ipynb #21bff60e
 @patch
 def __len__(self:BucketBatchSampler) -> int:
     "Batches per epoch for this rank."
     return sum(r["batches"] for r in self.plan()) // self.num_replicas
 
+# %% ../nbs/04b_buckets.ipynb #c89e4576
 @patch
 def __iter__(self:BucketBatchSampler):
     "Yield the rest of the current epoch, then move to the next epoch."
@@ -438,6 +453,7 @@ def __iter__(self:BucketBatchSampler):
         yield batches[self.position - 1]
     self.epoch, self.position = self.epoch + 1, 0
 
+# %% ../nbs/04b_buckets.ipynb #503567e5
 @patch
 def set_epoch(self:BucketBatchSampler, epoch:int):
     "Start `epoch` from its beginning (like DistributedSampler.set_epoch)."
@@ -450,6 +466,7 @@ def state_dict(self:BucketBatchSampler, position:int=None) -> dict:
     return dict(seed=self.seed, epoch=self.epoch, position=self.position if position is None else position,
                 batch_size=self.batch_size, num_replicas=self.num_replicas, fingerprint=self.table.fingerprint())
 
+# %% ../nbs/04b_buckets.ipynb #a59315a7
 @patch
 def load_state_dict(self:BucketBatchSampler, state:dict):
     "Resume from `state_dict()`: the next batches are exactly those that were left."

@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 class CacheError(ValueError):
     "A cache folder that flux2_kit cannot use without overwriting what is not its own."
 
+# %% ../nbs/05_cache.ipynb #bedada8a
 def _key(**parts) -> str:
     "sha256 of the parts as canonical JSON: a cache key."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -185,6 +186,7 @@ def _dist(dist) -> tuple:
     if dist is None or int(dist.num_processes) == 1: return 0, 1, (lambda: None)
     return int(dist.process_index), int(dist.num_processes), dist.wait_for_everyone
 
+# %% ../nbs/05_cache.ipynb #c59fd6b9
 def _sharded_pass(store: ShardStore,  # the cache's store (index.json), read on every rank
                   todo: list,  # what is missing, in the same order on every rank
                   key_of: Callable,  # item -> cache key (the deal is round-robin over sorted keys)
@@ -253,10 +255,12 @@ class TextEmbedCache:
 def _chunks(xs: list, n: int):
     for i in range(0, len(xs), n): yield xs[i:i + n]
 
+# %% ../nbs/05_cache.ipynb #1c42040a
 def _check_batch_size(name, v):
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name}={v!r} must be a positive integer")
 
+# %% ../nbs/05_cache.ipynb #c0446631
 def cache_text_embeds(enc,  # a `flux2_kit.models.TextEncoder` (from `load_text_encoder`)
                       prompts: Sequence[str],  # prompts to have embeddings for; duplicates are encoded once
                       cache_dir: str | Path,  # the text_embeds dataset's `cache_dir`
@@ -318,6 +322,7 @@ class LatentRequest:
         if len(self.target_size) != 2 or min(self.target_size) < 1:
             raise ValueError(f"{self.path}: target_size={self.target_size} must be (width, height) > 0")
 
+# %% ../nbs/05_cache.ipynb #99b47937
 def as_request(item) -> LatentRequest:
     "A `LatentRequest` from itself, a `(path, crop_box, target_size)` tuple, or an object with those attributes."
     if isinstance(item, LatentRequest): return item
@@ -337,6 +342,7 @@ def load_rgb(path,  # image file (path or file object)
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
 
+# %% ../nbs/05_cache.ipynb #6f0efbd3
 def request_bytes(req: LatentRequest,  # a request with in-memory `data`
                  ) -> bytes:
     "The encoded image bytes of an in-memory request (calling `data` when it is a callable)."
@@ -345,6 +351,7 @@ def request_bytes(req: LatentRequest,  # a request with in-memory `data`
         raise ValueError(f"{req.path}: the in-memory image holds no bytes (got {type(b).__name__})")
     return bytes(b)
 
+# %% ../nbs/05_cache.ipynb #ef18fda2
 def request_pixels(req: LatentRequest,  # what to load
                    loader: Callable | None = None,  # path or file object -> PIL RGB image; default `load_rgb`
                   ) -> torch.Tensor:
@@ -372,14 +379,17 @@ def vae_identity(vae) -> str:
         h.update(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"weights#{h.hexdigest()[:16]}"
 
+# %% ../nbs/05_cache.ipynb #328df523
 def image_sha256(path: str | Path) -> str:
     "sha256 of an image file's bytes."
     return sha256_file(Path(path))
 
+# %% ../nbs/05_cache.ipynb #da283526
 def request_sha256(req: LatentRequest) -> str:
     "sha256 of a request's encoded image: its file's bytes, or its in-memory bytes (the same image, the same key)."
     return image_sha256(req.path) if req.data is None else hashlib.sha256(request_bytes(req)).hexdigest()
 
+# %% ../nbs/05_cache.ipynb #ef38a025
 PIXELS_VERSION = "crop-then-lanczos-v1"  # how request_pixels turns a file into pixels: part of every latent key
 
 def loader_id(loader: Callable | None) -> str:
@@ -387,6 +397,7 @@ def loader_id(loader: Callable | None) -> str:
     if loader is None: return "flux2_kit.cache.load_rgb"
     return f"{getattr(loader, '__module__', '?')}.{getattr(loader, '__qualname__', type(loader).__name__)}"
 
+# %% ../nbs/05_cache.ipynb #b697a4af
 def latent_key(req: LatentRequest,  # the request
                image_sha: str,  # `request_sha256(req)` (`image_sha256(req.path)` for a file)
                vae_id: str,  # `vae_identity(vae)`
@@ -396,12 +407,14 @@ def latent_key(req: LatentRequest,  # the request
     return _key(image=image_sha, crop=list(req.crop_box), size=list(req.target_size), vae=vae_id,
                 pixels=PIXELS_VERSION, loader=loader)
 
+# %% ../nbs/05_cache.ipynb #b8ba60e0
 class _VaeOnly:
     "The attributes `Flux2Pipeline._encode_vae_image` reads, so the pipeline's own code encodes."
     def __init__(self, vae):
         from diffusers import Flux2Pipeline
         self.vae, self._patchify_latents = vae, Flux2Pipeline._patchify_latents
 
+# %% ../nbs/05_cache.ipynb #c53af214
 def encode_images(vae,  # AutoencoderKLFlux2
                   pixels: torch.Tensor,  # (B, 3, H, W) in [-1, 1], H and W multiples of 16
                  ) -> torch.Tensor:
@@ -436,6 +449,7 @@ def _vae_multiple(vae) -> int:
     "Pixels per latent token side: VAE downsampling x 2 (patchify)."
     return 2 ** (len(vae.config.block_out_channels) - 1) * 2
 
+# %% ../nbs/05_cache.ipynb #578cc035
 def cache_latents(vae,  # AutoencoderKLFlux2 (from `load_vae`)
                   items: Sequence,  # LatentRequests, (path, crop_box, target_size) tuples, or objects with those attributes
                   cache_dir: str | Path,  # the dataset's `cache_dir_vae`

@@ -62,6 +62,7 @@ class CheckReport:
 def _skipped_text(row: dict, n: int = 3) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(row["skipped"].items(), key=lambda kv: -kv[1])[:n]) or "-"
 
+# %% ../nbs/11a_check.ipynb #ab9758b4
 @patch
 def table(self: CheckReport) -> str:
     "The data scan as a short text table (one row per image dataset)."
@@ -73,6 +74,7 @@ def table(self: CheckReport) -> str:
         lines.append(f"  {r['dataset']:<{w}}  {r['found']:>5}  {r['kept']:>5}  {b:>13}  {_skipped_text(r)}")
     return "\n".join(lines)
 
+# %% ../nbs/11a_check.ipynb #fa36599f
 @patch
 def __str__(self: CheckReport) -> str:
     lines = [self.table()] if self.datasets else []
@@ -80,6 +82,7 @@ def __str__(self: CheckReport) -> str:
     lines += [str(p) for p in sorted(self.problems, key=lambda p: order[p.level])]
     return "\n".join(lines)
 
+# %% ../nbs/11a_check.ipynb #7a7e5486
 @patch
 def _repr_markdown_(self: CheckReport) -> str:
     out = []
@@ -124,6 +127,7 @@ def check_model_path(cfg: Config) -> list:
     out = _check_model(cfg, cfg.model_path, "pretrained_model_name_or_path")
     return out + (_check_model(cfg, cfg.validation_model, "validation_model") if cfg.validation_model else [])
 
+# %% ../nbs/11a_check.ipynb #264481f9
 def _check_model(cfg: Config, p: str, key: str) -> list:
     err = lambda msg: [Problem("error", f"'{key}' = {p!r}: {msg}", key, p, cfg.source)]
     if p.startswith("flux2-") and ":" in p and not Path(p).exists(): return []  # built-in models, checked by the config
@@ -173,6 +177,7 @@ def _edge(res: float, rt: str) -> float:
     from flux2_kit.buckets import target_area
     return float(res) if rt == "pixel" else target_area(float(res), rt) ** 0.5
 
+# %% ../nbs/11a_check.ipynb #c5d8e64a
 def check_resolutions(cfg: Config) -> list:
     "Dataset and validation resolutions out of FLUX.2's range (errors), or off the 16-pixel grid (notes)."
     from flux2_kit.buckets import align
@@ -263,6 +268,7 @@ def dataset_row(table, batches: int | None) -> dict:
     return dict(dataset=table.dataset_id, found=rep.found, kept=len(table.items), skipped=rep.counts(),
                 examples=[f"{Path(s.path).name}: {s.reason}" for s in rep.skipped[:3]], batches=batches)
 
+# %% ../nbs/11a_check.ipynb #c3d3abf2
 def _nothing_trains(cfg: Config, row: dict) -> Problem:
     top = max(row["skipped"], key=row["skipped"].get) if row["skipped"] else None
     why = (f"all {row['found']} files were skipped ({_skipped_text(row, 5)}), e.g. {'; '.join(row['examples'][:2])}"
@@ -316,6 +322,7 @@ class Claim:
     run_id: str  # this run's id: new, or the resumed checkpoint's
     problems: list = field(default_factory=list)  # notes and warnings for the user (skipped checkpoints, cleared run)
 
+# %% ../nbs/11a_check.ipynb #0bb36415
 def _used(rd: RunDir, scan) -> list:
     "What an earlier run left in the directory, for messages (empty: nothing)."
     out = []
@@ -345,6 +352,7 @@ def _skipped_note(scan, after_step: int = -1) -> list:
     bad = {p: why for p, why in scan.skipped.items() if (checkpoint_step(p) or 0) > after_step}
     return [Problem("warning", f"skipped damaged {p.name}: {why}", "resume_from_checkpoint") for p, why in sorted(bad.items())]
 
+# %% ../nbs/11a_check.ipynb #1dd2afa7
 def _latest(rd: RunDir, scan, used: list, source) -> Claim:
     from flux2_kit.checkpoint import checkpoint_step, read_checkpoint_meta
     if scan.complete:
@@ -412,6 +420,7 @@ def run_checks(cfg: Config,  # the run's config
     rep.add(*data.problems).raise_errors()
     return tables, rep
 
+# %% ../nbs/11a_check.ipynb #c2949408
 def preflight(cfg: Config, device: str = "cpu", num_processes: int = 1) -> CheckReport:
     "`run_checks`, then `output_dir`'s decision (refusals included); the lock is released again for the processes that will run."
     _, rep = run_checks(cfg, device, num_processes)

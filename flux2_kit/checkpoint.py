@@ -25,12 +25,14 @@ _TMP = re.compile(r"^checkpoint-(\d+)\.tmp-[A-Za-z0-9_-]+$")
 class CheckpointError(RuntimeError):
     "A checkpoint cannot be written, or one on disk is incomplete or corrupt."
 
+# %% ../nbs/10b_checkpoint.ipynb #15fe2fd5
 def checkpoint_name(step: int) -> str:  # training step (>= 0)
     "The folder name of the checkpoint at `step`: 'checkpoint-000100'."
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
     return f"checkpoint-{step:06d}"
 
+# %% ../nbs/10b_checkpoint.ipynb #6745c63b
 def checkpoint_step(path: str | os.PathLike) -> int | None:  # a checkpoint folder (or its name)
     "The step in a committed checkpoint's folder name, or None if the name is not 'checkpoint-<digits>'."
     m = _NAME.match(Path(path).name)
@@ -41,6 +43,7 @@ def _is_numpy(obj) -> bool:
     np = sys.modules.get("numpy")  # if numpy was never imported, obj cannot be a numpy value
     return np is not None and isinstance(obj, (np.ndarray, np.generic))
 
+# %% ../nbs/10b_checkpoint.ipynb #bb123b39
 def _encode(obj, tensors: dict, where: str):
     "JSON data for `obj`; tensors are moved into `tensors` and referenced by key."
     import torch
@@ -68,6 +71,7 @@ def _encode(obj, tensors: dict, where: str):
     raise TypeError(f"{where}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} in a checkpoint "
                     "(allowed: dict, list, tuple, str, int, float, bool, None, torch tensors/dtypes, numpy values)")
 
+# %% ../nbs/10b_checkpoint.ipynb #1e538ff4
 def _decode(obj, tensors: Mapping):
     "Inverse of `_encode`."
     if isinstance(obj, list): return [_decode(v, tensors) for v in obj]
@@ -97,6 +101,7 @@ def _tensors_in(obj, where: str):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj): yield from _tensors_in(v, f"{where}[{i}]")
 
+# %% ../nbs/10b_checkpoint.ipynb #2aa2a650
 def check_finite(named_states: Mapping,  # {"tensors": lora_sd, "optimizer_state": ..., ...}
                 ):
     "Raise `CheckpointError` naming the first floating tensor that holds NaN or inf."
@@ -117,6 +122,7 @@ def _fsync_file(path: Path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
+# %% ../nbs/10b_checkpoint.ipynb #46eb642f
 def _cpu_tensors(tensors: Mapping, where: str) -> dict:
     "Detached, contiguous CPU copies ready for safetensors (views of one storage are cloned apart)."
     import torch
@@ -131,6 +137,7 @@ def _cpu_tensors(tensors: Mapping, where: str) -> dict:
         out[k] = t
     return out
 
+# %% ../nbs/10b_checkpoint.ipynb #d8080f98
 def _write_safetensors(path: Path, tensors: dict):
     from safetensors.torch import save_file
     try: save_file(tensors, str(path), metadata={"format": FORMAT})
@@ -140,6 +147,7 @@ def _write_safetensors(path: Path, tensors: dict):
         raise OSError(int(m[1]), f"{os.strerror(int(m[1]))} while writing {path.name}") from e
     _fsync_file(path)
 
+# %% ../nbs/10b_checkpoint.ipynb #474a2c1b
 def _write_json(path: Path, obj):
     path.write_text(json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=1) + "\n", encoding="utf-8")
     _fsync_file(path)
@@ -229,6 +237,7 @@ def _load_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e}); "
                               "it is truncated or corrupt: resume from another checkpoint") from None
 
+# %% ../nbs/10b_checkpoint.ipynb #fd48fa7d
 def load_checkpoint(path: str | os.PathLike,  # a committed checkpoint folder
                     verify: str = "sha256",  # "sha256" (default: every byte checked) or "size"
                    ) -> dict:
@@ -252,6 +261,7 @@ class CheckpointScan(NamedTuple):
     skipped: dict  # {Path: reason} checkpoint-<digits> folders that failed verification
     tmp: list  # [Path] unfinished saves (checkpoint-N.tmp-*)
 
+# %% ../nbs/10b_checkpoint.ipynb #42c272b6
 def scan_checkpoints(ckpt_root: str | os.PathLike,  # the checkpoints folder (may not exist)
                      verify: str = "size",  # how hard to check each candidate: "size" or "sha256"
                     ) -> CheckpointScan:
@@ -267,10 +277,12 @@ def scan_checkpoints(ckpt_root: str | os.PathLike,  # the checkpoints folder (ma
     complete.sort(key=checkpoint_step)
     return CheckpointScan(complete, skipped, tmp)
 
+# %% ../nbs/10b_checkpoint.ipynb #c8f03381
 def list_checkpoints(ckpt_root: str | os.PathLike, verify: str = "size") -> list[Path]:  # "size" or "sha256"
     "Complete checkpoints in `ckpt_root`, ascending by step."
     return scan_checkpoints(ckpt_root, verify).complete
 
+# %% ../nbs/10b_checkpoint.ipynb #fb432243
 def latest_checkpoint(ckpt_root: str | os.PathLike, verify: str = "size") -> Path | None:  # "size" or "sha256"
     "The highest-step complete checkpoint (skipping partial, marker-less, junk-named and damaged folders), or None."
     c = list_checkpoints(ckpt_root, verify)
@@ -299,6 +311,7 @@ def prune_checkpoints(ckpt_root: str | os.PathLike,  # the checkpoints folder
     if removed: fsync_dir(ckpt_root)
     return removed
 
+# %% ../nbs/10b_checkpoint.ipynb #b6685391
 def _run_id(path: Path) -> str | None:
     "The run id a checkpoint's meta.json records (None: none, or unreadable)."
     try: return json.loads((path / "meta.json").read_text(encoding="utf-8")).get("run_id")
@@ -313,10 +326,12 @@ RESUME_KEYS = {  # meta key -> what to call it in messages; a change in any of t
 class ResumeError(ValueError):
     "A checkpoint does not belong to the run that tries to resume from it."
 
+# %% ../nbs/10b_checkpoint.ipynb #bf1cf78e
 def _show(v, n=80):
     s = "<not recorded>" if v is _MISSING else repr(v)
     return s if len(s) <= n else s[:n - 3] + "..."
 
+# %% ../nbs/10b_checkpoint.ipynb #14d80ac2
 _MISSING = object()
 
 def _describe(label, old, new):
@@ -325,6 +340,7 @@ def _describe(label, old, new):
         return f"{label}: " + "; ".join(x for x in (f"removed {gone}" if gone else "", f"added {added}" if added else "") if x)
     return f"{label}: saved {_show(old)}, now {_show(new)}"
 
+# %% ../nbs/10b_checkpoint.ipynb #159df0e8
 def check_resume_compatible(meta_saved: Mapping,  # the checkpoint's meta (read_checkpoint_meta or load_checkpoint()['meta'])
                             meta_now: Mapping,  # the same keys for the run about to resume
                             keys: Mapping = RESUME_KEYS,  # keys that must match -> their names in messages
@@ -345,6 +361,7 @@ def check_resume_compatible(meta_saved: Mapping,  # the checkpoint's meta (read_
     return [_describe(k, saved.get(k, _MISSING), now.get(k, _MISSING)) for k in sorted(set(saved) | set(now))
             if k not in keys and saved.get(k, _MISSING) != now.get(k, _MISSING)]
 
+# %% ../nbs/10b_checkpoint.ipynb #bef2a0ef
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:  # a checkpoint folder
     "The checkpoint's meta.json (after a quick size check), without loading any tensor."
     path = Path(path)
@@ -365,6 +382,7 @@ def capture_rng(generators: Mapping | None = None,  # name -> torch.Generator th
     if torch.cuda.is_available() and torch.cuda.is_initialized(): st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
+# %% ../nbs/10b_checkpoint.ipynb #4703da43
 def restore_rng(state: Mapping,  # capture_rng output (possibly through save/load_checkpoint)
                 generators: Mapping | None = None,  # the same names as when captured, each a torch.Generator
                ):

@@ -13,6 +13,7 @@ __all__ = ['CLIError', 'cmd_train', 'cmd_check', 'cmd_cache', 'cmd_preview', 'cm
 # %% ../nbs/12_cli.ipynb #381a3201
 class CLIError(ValueError): "A command-line mistake; `main` turns it into a one-line exit message."
 
+# %% ../nbs/12_cli.ipynb #8c19704a
 def _overrides(rest: list) -> dict:
     "`['--key', 'value', '--flag', '--k=v']` -> `{'key': 'value', 'flag': 'true', 'k': 'v'}` (SimpleTuner spelling)."
     out, i = {}, 0
@@ -38,6 +39,7 @@ def _config(args, extra: dict):
     cfg = load_config(path, base_dir=args.base_dir)
     return cfg.replace(**extra) if extra else cfg
 
+# %% ../nbs/12_cli.ipynb #afc56897
 def _trainer(args, extra):
     from flux2_kit.trainer import Trainer
     if args.quiet:  # the libraries' own progress bars too (weight loading)
@@ -45,6 +47,7 @@ def _trainer(args, extra):
         transformers.utils.logging.disable_progress_bar(); diffusers.utils.logging.disable_progress_bar()
     return Trainer(_config(args, extra), progress=not args.quiet)
 
+# %% ../nbs/12_cli.ipynb #250ecc91
 def cmd_train(args, extra) -> int:
     "Train (with resume, checkpoints, previews) and export."
     t = _trainer(args, extra)
@@ -54,6 +57,7 @@ def cmd_train(args, extra) -> int:
         print(f"{what}; run directory: {t.rundir.root}\nLoRA: {t.rundir.lora_dir}")
     return 0
 
+# %% ../nbs/12_cli.ipynb #3d460eb2
 def cmd_check(args, extra) -> int:
     "Check the config, paths and data without loading a model or touching output_dir."
     from flux2_kit.check import run_checks
@@ -62,6 +66,7 @@ def cmd_check(args, extra) -> int:
     print(f"{rep}\ncheck passed: nothing was loaded")
     return 0
 
+# %% ../nbs/12_cli.ipynb #c3008c0f
 def cmd_cache(args, extra) -> int:
     "Fill the caches and report hits and misses."
     t = _trainer(args, extra)
@@ -79,6 +84,7 @@ def _from_checkpoint(args, extra):
     if ck is None: raise CLIError(f"no complete checkpoint under {t.rundir.checkpoints_dir}")
     return t, ck
 
+# %% ../nbs/12_cli.ipynb #eec96d8e
 def cmd_preview(args, extra) -> int:
     "Render the prompt library from a checkpoint."
     t, ck = _from_checkpoint(args, extra)
@@ -87,6 +93,7 @@ def cmd_preview(args, extra) -> int:
     t.finish(export=False)
     return 0
 
+# %% ../nbs/12_cli.ipynb #ac76f040
 def cmd_export(args, extra) -> int:
     "Export a checkpoint's LoRA."
     t, ck = _from_checkpoint(args, extra)
@@ -96,6 +103,7 @@ def cmd_export(args, extra) -> int:
     t.finish(export=False)
     return 0
 
+# %% ../nbs/12_cli.ipynb #4d012c47
 def cmd_tiny(args, extra) -> int:
     "Build flux2-tiny into a folder."
     from flux2_kit.tiny import build_flux2_tiny
@@ -149,6 +157,7 @@ def run(argv: list | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
     return args.fn(args, _overrides(rest))
 
+# %% ../nbs/12_cli.ipynb #5185c0da
 def _user_error(e: BaseException) -> bool:
     "A mistake the user fixes in the config, the data or the command line (exit status 2), not a failed run (1)."
     from flux2_kit.cache import CacheError
@@ -158,6 +167,7 @@ def _user_error(e: BaseException) -> bool:
     from flux2_kit.runlog import RunLockedError
     return isinstance(e, (ConfigError, CLIError, DataError, CacheError, CheckpointError, ResumeError, RunLockedError))
 
+# %% ../nbs/12_cli.ipynb #4fd9b9dc
 def _lines(e: BaseException) -> list[str]:
     "What the terminal shows for an error: one line per problem (a training error adds its advice)."
     from flux2_kit.check import CheckError
@@ -166,6 +176,7 @@ def _lines(e: BaseException) -> list[str]:
     if not _user_error(e): msg = f"{type(e).__name__}: {msg}"
     return msg.splitlines()
 
+# %% ../nbs/12_cli.ipynb #4c431457
 def main(argv: list | None = None) -> int:
     "Entry point of `flux2-kit`: 0 on success, 2 for a mistake in the config, data or command line, 1 when training fails; one line per error (`--debug`: the traceback)."
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -45,11 +45,13 @@ class ConfigError(ValueError):
 class _Bad(Exception):
     "A value that does not fit a type; the message says what was expected."
 
+# %% ../nbs/02_config.ipynb #977eb2bb
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 def _is_union(tp) -> bool:
     return get_origin(tp) is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType))
 
+# %% ../nbs/02_config.ipynb #139e6ea3
 def _coerce(value, tp):
     "Read `value` (JSON, or a SimpleTuner-style quoted string) as type `tp`, or raise `_Bad(what was expected)`."
     if _is_union(tp):
@@ -179,6 +181,7 @@ def _interval(spec: str):
     m = re.fullmatch(r"([\[(])\s*([^,]+),\s*([^\])]+)([\])])", spec)
     return float(m[2]), float(m[3]), m[1] == "[", m[4] == "]"
 
+# %% ../nbs/02_config.ipynb #e25c64e4
 def _range_text(spec: str) -> str:
     lo, hi, li, hi_in = _interval(spec)
     num = lambda x: f"{x:g}"
@@ -186,22 +189,25 @@ def _range_text(spec: str) -> str:
     if hi != math.inf: parts.append(f"{'<=' if hi_in else '<'} {num(hi)}")
     return " and ".join(parts)
 
+# %% ../nbs/02_config.ipynb #2277f518
 def _in_range(x, spec: str) -> bool:
     lo, hi, li, hi_in = _interval(spec)
     return (x >= lo if li else x > lo) and (x <= hi if hi_in else x < hi)
 
+# %% ../nbs/02_config.ipynb #9d5cbe7e
 def closest(word, options, cutoff: float = 0.6) -> str | None:
     "The option most like `word` (ties: the earliest), or None below `cutoff`: flux2_kit's one \"did you mean\"."
     scored = [(difflib.SequenceMatcher(None, str(word), str(o)).ratio(), -i, str(o)) for i, o in enumerate(options)]
     best = max(scored, default=None)
     return best[2] if best and best[0] >= cutoff else None
 
+# %% ../nbs/02_config.ipynb #fcb3f33f
 def did_you_mean(word, options, cutoff: float = 0.6, before: str = "; ", after: str = "") -> str:
     "`'; did you mean X?'` (or `before`...`after` around it) for the closest option, or ''."
     m = closest(word, options, cutoff)
     return f"{before}did you mean {m!r}?{after}" if m else ""
 
-
+# %% ../nbs/02_config.ipynb #a7b6e45f
 def spec_get(spec,  # a dict (SimpleTuner's `--key` spelling too) or an object with SimpleTuner key names as attributes
              key: str,  # the SimpleTuner key
              default=None,  # returned when the key is missing or None
@@ -211,6 +217,7 @@ def spec_get(spec,  # a dict (SimpleTuner's `--key` spelling too) or an object w
     v = spec.get(key, spec.get("--" + key)) if isinstance(spec, Mapping) else getattr(spec, key, None)
     return default if v is None else v
 
+# %% ../nbs/02_config.ipynb #dc2b1cc4
 def spec_id(spec) -> str:
     "A dataset entry's id, for messages."
     return str(spec_get(spec, "id", "dataset"))
@@ -237,6 +244,7 @@ def _unsupported_value(name: str, value) -> str | None:
     if name == "caption_strategy" and v in ("csv", "webshart"): return f"the {v!r} backend is not supported"
     return None
 
+# %% ../nbs/02_config.ipynb #399e20cb
 def _check_value(name: str, value, tp):
     "Coerce `value` to `tp`, then apply `name`'s choices and range; raise ConfigError naming key, value and fix."
     try: v = _coerce(value, tp)
@@ -515,9 +523,11 @@ class Config:
             object.__setattr__(self, f.name, _check_value(f.name, value, hints[f.name]))
         _check_config(self)
 
+# %% ../nbs/02_config.ipynb #4b207f26
 @functools.lru_cache(maxsize=None)
 def _hints(cls) -> dict: return get_type_hints(cls)
 
+# %% ../nbs/02_config.ipynb #601aec98
 def config_keys() -> tuple[str, ...]:
     "The keys a config file may set (Config's fields, without the ones load_config fills)."
     return tuple(f.name for f in dataclasses.fields(Config) if f.name not in _INTERNAL)
@@ -593,31 +603,37 @@ def validation_resolutions(self: Config) -> list[tuple[int, int]]:
     "`validation_resolution` parsed into [(width, height), ...]."
     return parse_resolutions(self.validation_resolution)
 
+# %% ../nbs/02_config.ipynb #d8a8ffe7
 @patch(as_prop=True)
 def model_path(self: Config) -> str:
     "`pretrained_model_name_or_path`, or the flavour's default hub id when it is None."
     return self.pretrained_model_name_or_path or DEFAULT_MODEL_PATHS[self.model_flavour]
 
+# %% ../nbs/02_config.ipynb #6b2a3054
 @patch(as_prop=True)
 def is_klein(self: Config) -> bool:
     "True for klein flavours (Qwen3 text encoder, no guidance embedding)."
     return self.model_flavour.startswith("klein")
 
+# %% ../nbs/02_config.ipynb #6f575429
 @patch(as_prop=True)
 def lora_target(self: Config) -> tuple[str, str | list[str]]:
     "`flux_lora_target` classified by `parse_lora_target`."
     return parse_lora_target(self.flux_lora_target)
 
+# %% ../nbs/02_config.ipynb #0f74ab21
 @patch(as_prop=True)
 def effective_lora_alpha(self: Config) -> float:
     "`lora_alpha`, or `lora_rank` when it is None."
     return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
+# %% ../nbs/02_config.ipynb #a2c0e9d8
 @patch(as_prop=True)
 def trackers(self: Config) -> list[str]:
     "`report_to` as a list of trackers (empty for 'none')."
     return parse_report_to(self.report_to)
 
+# %% ../nbs/02_config.ipynb #5de4330e
 @patch(as_prop=True)
 def effective_validation_seed(self: Config) -> int:
     "`validation_seed`, or `seed` when it is None."
@@ -633,8 +649,10 @@ def to_dict(self: Config, include_defaults: bool = True) -> dict:
         d = {k: v for k, v in d.items() if v != getattr(base, k)}
     return d
 
+# %% ../nbs/02_config.ipynb #26845c93
 def _copy(v): return json.loads(json.dumps(v)) if isinstance(v, (list, dict)) else v
 
+# %% ../nbs/02_config.ipynb #f91c368c
 @patch
 def replace(self: Config, **changes) -> Config:
     "A new Config with `changes` (SimpleTuner keys, `--` optional) validated again; a loaded config reloads its files."
@@ -642,6 +660,7 @@ def replace(self: Config, **changes) -> Config:
     if self.base_dir is None: return dataclasses.replace(self, **_config_kwargs(merged))  # built in Python: no files
     return dataclasses.replace(load_config(merged, base_dir=self.base_dir), source=self.source, notices=self.notices)
 
+# %% ../nbs/02_config.ipynb #de3a1e0f
 @patch
 def save(self: Config,
           path: str | os.PathLike,  # where to write config.json (written to a temp file, then renamed)
@@ -649,6 +668,7 @@ def save(self: Config,
     "Write `to_dict()` as JSON, atomically."
     return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
+# %% ../nbs/02_config.ipynb #7ffa8fa0
 @patch
 def __repr__(self: Config) -> str:
     changed = self.to_dict(include_defaults=False)
@@ -776,6 +796,7 @@ def _check_dataset(d: DatasetSpec):
                               f"{', '.join(map(repr, SKIP_DISCOVERY_STAGES))}{did_you_mean(s, SKIP_DISCOVERY_STAGES)}",
                               "skip_file_discovery", d.skip_file_discovery)
 
+# %% ../nbs/02_config.ipynb #c76e0b6c
 def _check_parquet(d: DatasetSpec):
     p = d.parquet
     if isinstance(p, dict): p = dict(p); object.__setattr__(d, "parquet", p)  # never modify the caller's dict
@@ -857,6 +878,7 @@ def _read_file(path: Path, what: str):
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
 
+# %% ../nbs/02_config.ipynb #868ebfa0
 def _unique_keys(text: str, path: Path):
     "A json `object_pairs_hook` that refuses a key written twice in one object (JSON would keep the last silently)."
     def hook(pairs):
@@ -871,6 +893,7 @@ def _unique_keys(text: str, path: Path):
         return out
     return hook
 
+# %% ../nbs/02_config.ipynb #46fd71a7
 def _resolve(p: str | None, base: Path) -> str | None:
     "`p` made absolute against `base` (None stays None)."
     return None if p is None else str((base / Path(p).expanduser()).resolve())
@@ -895,12 +918,14 @@ def _dataset_kwargs(entry: dict, i: int) -> dict:
     if "id" not in out: raise ConfigError(f"{where}: 'id' is missing (every dataset needs a unique id)", "id", None)
     return out
 
+# %% ../nbs/02_config.ipynb #ca6db340
 def _default_fits(key: str, value, entry: dict) -> bool:
     "Does the config's global default `key`=`value` apply to this entry? A global caption_strategy applies only to the storage type it fits."
     if key != "caption_strategy" or value is None: return True
     hf = str(entry.get("type", "local")).strip().lower() == "huggingface"
     return (value == "huggingface") == hf
 
+# %% ../nbs/02_config.ipynb #30cba1bd
 def load_databackend(src: str | os.PathLike | list,  # multidatabackend.json path, or its parsed list
                      base_dir: str | os.PathLike | None = None,  # relative paths resolve against this; default: cwd
                      defaults: dict | None = None,  # values for keys an entry leaves out (load_config passes the config's)
@@ -950,6 +975,7 @@ def _find_file(value: str, key: str, base: Path, here: Path | None) -> str:
     if found: return str(found[0])
     raise ConfigError(f"{key!r} = {value!r}: file not found (looked for {', '.join(str(t) for t in tried)})", key, value)
 
+# %% ../nbs/02_config.ipynb #f0975533
 def _read_config_source(src) -> tuple[dict, Path | None]:
     if isinstance(src, dict): return dict(src), None
     path = Path(src)
@@ -961,6 +987,7 @@ def _read_config_source(src) -> tuple[dict, Path | None]:
     if not isinstance(raw, dict): raise ConfigError(f"a config file holds a JSON object, not {type(raw).__name__}", path=path)
     return raw, path
 
+# %% ../nbs/02_config.ipynb #1238f0d9
 def load_config(src: str | os.PathLike | dict,  # config.json / config.toml path, a folder holding one, or a dict of keys
                 base_dir: str | os.PathLike | None = None,  # relative paths resolve against this; default: the current directory
                ) -> Config:
@@ -989,6 +1016,7 @@ def load_config(src: str | os.PathLike | dict,  # config.json / config.toml path
     return dataclasses.replace(cfg, datasets=datasets, prompt_library=prompts, base_dir=str(base),
                                source=None if path is None else str(path.resolve()), notices=tuple(notices))
 
+# %% ../nbs/02_config.ipynb #8713c940
 _BESIDE = {"data_backend_config": "multidatabackend.json", "user_prompt_library": "user_prompt_library.json"}
 
 def dataset_defaults(cfg: Config) -> dict:
@@ -1003,11 +1031,13 @@ def image_datasets(self: Config) -> list[DatasetSpec]:
     "The enabled image datasets."
     return [s for s in self.datasets if s.dataset_type == "image" and not s.disabled]
 
+# %% ../nbs/02_config.ipynb #06fdb0e0
 @patch(as_prop=True)
 def text_embeds_dataset(self: Config) -> DatasetSpec | None:
     "The default text_embeds dataset (the cache for validation prompts), or None without datasets."
     return next((s for s in self.datasets if s.dataset_type == "text_embeds" and s.default and not s.disabled), None)
 
+# %% ../nbs/02_config.ipynb #6c60ffa1
 @patch
 def dataset(self: Config, id: str) -> DatasetSpec:
     "The dataset with this id."
@@ -1015,11 +1045,13 @@ def dataset(self: Config, id: str) -> DatasetSpec:
         if s.id == id: return s
     raise KeyError(f"no dataset {id!r}; datasets are {[s.id for s in self.datasets]}")
 
+# %% ../nbs/02_config.ipynb #7eebc878
 @patch
 def text_embeds_for(self: Config, spec: DatasetSpec) -> DatasetSpec:
     "The text_embeds dataset whose cache holds `spec`'s caption embeds."
     return self.dataset(spec.text_embeds) if spec.text_embeds else self.text_embeds_dataset
 
+# %% ../nbs/02_config.ipynb #d83cefee
 @patch
 def conditioning_for(self: Config, spec: DatasetSpec) -> list[DatasetSpec]:
     "The conditioning (reference) datasets paired with image dataset `spec`."

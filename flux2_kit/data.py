@@ -24,7 +24,7 @@ __all__ = ['IMAGE_EXTENSIONS', 'FORMAT_EXTENSIONS', 'MAX_IMAGE_PIXELS', 'BACKGRO
 class DataError(ValueError):
     "A dataset spec or a dataset that cannot be used; the message names the dataset, key or file and the fix."
 
-
+# %% ../nbs/04_data.ipynb #0b4bf634
 def spec_choice(spec, key, default, allowed, hint=""):
     "`_get` restricted to `allowed` values, with an error that names the dataset, key, value and choices."
     v = spec_get(spec, key, default)
@@ -42,6 +42,7 @@ class Skip:
     dataset: str = ""  # the dataset id
     key: str = ""  # the item key (relative path without extension) when known, for conditioning pairing
 
+# %% ../nbs/04_data.ipynb #fe6ec23f
 @dataclass
 class DataReport:
     "What a scan (and the bucketing and sampler after it) decided: counts, skipped files, warnings, ignored files."
@@ -179,6 +180,7 @@ def _orientation(im) -> int:
     try: return int(im.getexif().get(0x0112, 1) or 1)
     except Exception: return 1
 
+# %% ../nbs/04_data.ipynb #caa7c809
 def _decode(src, max_pixels:int=None, background:tuple=BACKGROUND, draft:bool=False):
     "Decode `src` fully into RGB; returns (rgb, format, original mode, notes). `draft` decodes JPEGs at 1/8 scale (scans)."
     with _open(src, max_pixels) as im:
@@ -194,6 +196,7 @@ def _decode(src, max_pixels:int=None, background:tuple=BACKGROUND, draft:bool=Fa
         if _orientation(im) != 1: im = ImageOps.exif_transpose(im)
         return to_rgb(_to_srgb(im, notes), background), fmt, mode, notes
 
+# %% ../nbs/04_data.ipynb #813935d4
 def load_image(src, # a path, the file's bytes, or a file object
                max_pixels:int=None, # decompression-bomb limit in pixels (default `MAX_IMAGE_PIXELS`)
                background:tuple=BACKGROUND, # RGB for transparent pixels
@@ -221,6 +224,7 @@ def read_caption_file(path, # the .txt file
     whole = "\n".join(lines).strip()
     return (whole,) if whole else ()
 
+# %% ../nbs/04_data.ipynb #8b179667
 def filename_caption(name:str) -> str:
     "SimpleTuner's `filename` caption: the stem with underscores as spaces and whitespace collapsed."
     return " ".join(Path(name).stem.replace("_", " ").split())
@@ -241,12 +245,14 @@ def _caption_config(spec, default:str=None) -> dict:
                 only=bool(spec_get(spec, "only_instance_prompt", False)),
                 split=not spec_get(spec, "disable_multiline_split", False))
 
+# %% ../nbs/04_data.ipynb #48d32642
 def _finish_captions(caps:tuple, cc:dict) -> tuple:
     "Apply only_instance_prompt / prepend_instance_prompt / instanceprompt to caption variants."
     if cc["only"] or cc["strategy"] == "instanceprompt": return (cc["instance"],)
     if cc["prepend"]: return tuple(f"{cc['instance']} {c}".strip() for c in (caps or ("",)))
     return caps
 
+# %% ../nbs/04_data.ipynb #fd10616d
 def _column_captions(row:dict, spec, block:str="huggingface") -> tuple:
     "Caption variants from a metadata/datasets row: `caption_column` (str, list of names, dotted path) then fallback."
     sub = spec_get(spec, block) or {}
@@ -304,6 +310,7 @@ def _walk(root:Path, report:DataReport) -> list:
             elif ext not in _SIDE_FILES: report.ignored.append(str(p))
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
+# %% ../nbs/04_data.ipynb #a36b40cc
 def _key(p:Path, root:Path) -> str:
     "Relative path without extension, '/'-separated."
     try: rel = p.relative_to(root)
@@ -378,6 +385,7 @@ def _scan_one(c:dict, cc:dict, check, mislabelled:str, max_pixels):
     if bad: return ("skip",) + bad
     return "item", dict(size=size, captions=tuple(caps)), warns
 
+# %% ../nbs/04_data.ipynb #fc00cd9d
 def _displayed_size(src, max_pixels) -> tuple:
     "Full-resolution displayed size of a JPEG from its header (a draft decode is smaller)."
     with _open(src, max_pixels) as im:
@@ -425,6 +433,7 @@ def _text_captions(p:Path, split:bool):
         return read_caption_file(txt, split)
     return read
 
+# %% ../nbs/04_data.ipynb #ab6bc877
 def _candidate_captions(p:Path, row, spec, cc) -> Any:
     "Caption source for a local file: a callable or a tuple."
     s = cc["strategy"]
@@ -437,6 +446,7 @@ def _candidate_captions(p:Path, row, spec, cc) -> Any:
         return _column_captions(row, spec, "parquet")
     raise DataError(f"dataset {spec_id(spec)!r}: caption_strategy {s!r} needs type: huggingface")
 
+# %% ../nbs/04_data.ipynb #691cd7c3
 def _local_candidates(spec, root:Path, report:DataReport, captions:bool) -> list:
     "Candidates from a folder walk or a metadata table."
     backend = spec_choice(spec, "metadata_backend", "discovery", ("discovery", "json", "jsonl", "parquet", "huggingface"))
@@ -519,6 +529,7 @@ def _load_hf(spec):
         return datasets.load_dataset("imagefolder", data_dir=str(d), split=split, cache_dir=cache)
     return datasets.load_dataset(name, split=split, revision=spec_get(spec, "revision"), cache_dir=cache)
 
+# %% ../nbs/04_data.ipynb #4df8c1fe
 def scan_hf_dataset(ds, # a `datasets.Dataset` with an image column
                     spec, # the dataset entry (id, image_column, caption_column, filters ...)
                     num_workers:int=None, # decoding threads
@@ -574,12 +585,14 @@ def item_bytes(item:Item) -> bytes:
         return ds[i][col]["bytes"]
     return Path(item.path).read_bytes()
 
+# %% ../nbs/04_data.ipynb #1d2457a8
 def item_image(item:Item, # an Item (path or in-memory source)
                max_pixels:int=None, # decompression-bomb limit
               ) -> Image.Image:
     "The full displayed image of an item as RGB (no crop, no resize)."
     return load_image(item_bytes(item) if item.source is not None else item.path, max_pixels)
 
+# %% ../nbs/04_data.ipynb #b1e947ac
 def image_array(item:Item) -> np.ndarray:
     "The item's crop resized to its target, as uint8 (H, W, 3); needs `target` and `crop` (from `make_buckets`)."
     if item.target is None or item.crop is None:
@@ -587,6 +600,7 @@ def image_array(item:Item) -> np.ndarray:
     im = item_image(item)
     return np.asarray(im.resize(tuple(item.target), Image.Resampling.LANCZOS, box=tuple(item.crop)))
 
+# %% ../nbs/04_data.ipynb #d0ce2b4f
 def image_tensor(item:Item):
     "The item's crop resized to its target as a float32 tensor (3, H, W) in [-1, 1], ready for the VAE."
     import torch
@@ -601,6 +615,7 @@ class LatentRequest(NamedTuple):
     target: tuple  # (width, height)
     item: Item  # the Item itself, for image_tensor / item_bytes
 
+# %% ../nbs/04_data.ipynb #96338828
 def latent_requests(items, # Items with target/crop (e.g. `table.items`)
                     refs:bool=True, # include each item's conditioning references
                    ) -> list:

@@ -43,6 +43,7 @@ def _deepspeed_config(ds, cfg: Config) -> dict:
             raise LaunchError(f"deepspeed_config {k}={v!r} disagrees with the config ({want}): set it to \"auto\" or {want}")
     return ds
 
+# %% ../nbs/16a_distributed.ipynb #43074e4f
 def check_strategy(cfg: Config,  # the run's config
                    strategy: str = "ddp",  # one of STRATEGIES
                    cuda: bool | None = None,  # GPUs present (default: torch.cuda.is_available(), without initialising CUDA)
@@ -101,6 +102,7 @@ def fsdp2_shard(transformer,  # Flux2Transformer2DModel with its LoRA (peft)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return transformer
 
+# %% ../nbs/16a_distributed.ipynb #85f701e3
 def full_lora_state_dict(model) -> dict:
     "The LoRA tensors of a (possibly FSDP2-sharded) model as full CPU tensors, on every rank (a collective)."
     from flux2_kit.lora import lora_state_dict
@@ -110,6 +112,7 @@ def full_lora_state_dict(model) -> dict:
         out[k] = v.detach().to("cpu").clone()
     return out
 
+# %% ../nbs/16a_distributed.ipynb #d0df7817
 def fsdp2_wrap(transformer,  # Flux2Transformer2DModel with its LoRA (and TREAD), not yet given to accelerate
                accelerator,  # the run's Accelerator (its device and mixed precision)
               ):
@@ -129,6 +132,7 @@ def _opt_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)
 
+# %% ../nbs/16a_distributed.ipynb #757f8043
 def fsdp2_full_state(model,  # the FSDP2-sharded transformer
                      optimizer,  # its (bare) optimizer over the DTensor shards
                     ) -> tuple:
@@ -138,6 +142,7 @@ def fsdp2_full_state(model,  # the FSDP2-sharded transformer
     opt = get_optimizer_state_dict(model, optimizer, options=_opt_options(cpu_offload=True))
     return lora, opt
 
+# %% ../nbs/16a_distributed.ipynb #fb2693c0
 def fsdp2_load_full_state(model,  # the FSDP2-sharded transformer (bare)
                           optimizer,  # its (bare) optimizer
                           lora: dict,  # full LoRA tensors, peft names (a checkpoint's `tensors`)

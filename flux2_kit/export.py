@@ -42,6 +42,7 @@ def adapter_modules(sd: dict) -> dict[str, dict[str, torch.Tensor]]:
         out.setdefault(m, {})[t] = v
     return out
 
+# %% ../nbs/06b_export.ipynb #f0eb9a02
 def adapter_kind(sd: dict) -> str:
     "'lora', 'dora', 'lokr' or 'loha', from a state dict's tensor names."
     names = {split_key(k)[1] for k in sd}
@@ -74,6 +75,7 @@ def comfyui_dora_scale(weight: torch.Tensor,  # the base weight W, (out, in)
     w = weight.float()
     return (magnitude.float() * (w.norm(dim=1) + eps) / (w + delta.float()).norm(dim=1))[:, None]
 
+# %% ../nbs/06b_export.ipynb #267526c9
 def peft_magnitude(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor,
                    eps: float = _EPS) -> torch.Tensor:
     "The inverse: peft's `lora_magnitude_vector` (out,) from a ComfyUI output-axis `dora_scale`."
@@ -89,6 +91,7 @@ def kohya_name(bfl: str) -> str:
     "BFL module name -> kohya/musubi name: `double_blocks.0.img_attn.qkv` -> `lora_unet_double_blocks_0_img_attn_qkv`."
     return KOHYA_PREFIX + bfl.replace(".", "_")
 
+# %% ../nbs/06b_export.ipynb #13e770d1
 def bfl_of_kohya(name: str) -> str:
     "kohya/musubi module name -> the BFL module it names."
     body = name[len(KOHYA_PREFIX):] if name.startswith(KOHYA_PREFIX) else None
@@ -102,11 +105,15 @@ def bfl_of_kohya(name: str) -> str:
 class NotRepresentable(ValueError):
     "The adapter has no exact form in the requested file format (the message says why and what to use instead)."
 
+# %% ../nbs/06b_export.ipynb #94ed7c15
 def _bfl_name(bfl, naming): return kohya_name(bfl) if naming == "kohya" else "diffusion_model." + bfl
+
+# %% ../nbs/06b_export.ipynb #523c061c
 _KOHYA_TENSOR = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 def _scale_of(scales, m): return float(scales[m] if isinstance(scales, dict) else scales)
 
+# %% ../nbs/06b_export.ipynb #9eabffe2
 def _uniform(scales, modules): return len({round(_scale_of(scales, m), 12) for m in modules}) <= 1
 
 # %% ../nbs/06b_export.ipynb #30426254
@@ -244,6 +251,7 @@ def _lokr_from(p):
         p[w1] = p[w1] * (float(alpha) / rank)
     return p
 
+# %% ../nbs/06b_export.ipynb #eebeaec9
 def _loha_from(bfl, p):
     "LoHa tensors per diffusers module, alpha baked into w1_a; a fused qkv split along its block diagonal."
     s = float(p["alpha"]) / p["hada_w1_b"].shape[0] if "alpha" in p else 1.0
@@ -411,6 +419,7 @@ def _diffusers_modules(module):
     except ValueError: return None
     return [module.removeprefix("transformer.").removeprefix("base_model.model.")]
 
+# %% ../nbs/06b_export.ipynb #cc53e612
 def _diffusers_linears(n_double, n_single):
     "Linear module names of a `Flux2Transformer2DModel` of this depth (on the meta device)."
     from accelerate import init_empty_weights
@@ -479,6 +488,7 @@ def _depth(keys):
             n[kind] = max(n[kind], int(m[2]) + 1)
     return n["double"], n["single"]
 
+# %% ../nbs/06b_export.ipynb #db108fcd
 def file_format(keys) -> str:
     "'kohya', 'comfyui' or 'diffusers', from a file's key names."
     keys = list(keys)
@@ -493,6 +503,7 @@ def _metadata_scale(meta):
     r, a = m.get("transformer.r"), m.get("transformer.lora_alpha", m.get("transformer.alpha"))
     return (a, r) if r and a and a != r else None
 
+# %% ../nbs/06b_export.ipynb #eb261990
 def _notes(target, sd, meta, row):
     notes, ar = [], _metadata_scale(meta)
     if target != "diffusers" and row.loaded and ar and not any(k.endswith(".alpha") for k in sd):
@@ -509,11 +520,13 @@ def _read(path):
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f: return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
+# %% ../nbs/06b_export.ipynb #127ed863
 def _load(target, sd, nd, ns):
     if target == "diffusers": return diffusers_load(sd, nd, ns)
     if target == "musubi": return musubi_load(list(sd), nd, ns)
     return comfy_load(list(sd), nd, ns, target)
 
+# %% ../nbs/06b_export.ipynb #a078de56
 def load_rows(path, targets=TARGETS) -> list[LoadRow]:
     "One `LoadRow` per target for the adapter file at `path`."
     bad = [t for t in targets if t not in TARGETS]
@@ -533,6 +546,7 @@ def _patterns(keys, n=3):
     pats = sorted({re.sub(r"(blocks[._])\d+", r"\1N", split_key(k)[0]) for k in keys})
     return ", ".join(f"`{p}`" for p in pats[:n]) + (f" (+{len(pats) - n} more)" if len(pats) > n else "")
 
+# %% ../nbs/06b_export.ipynb #4b367185
 class LoadReport(list):
     "A list of `LoadRow`s that shows itself as a markdown table in a notebook."
     def to_markdown(self) -> str:
@@ -642,6 +656,7 @@ def _about(model, name):
     return kind, cfg.r, alpha, (f"{_KIND_TITLE[kind]}, rank {cfg.r}, alpha {alpha:g} (scale alpha/rank = "
                                 f"{alpha / cfg.r:g}), {len(lora_scales(model, name))} modules.")
 
+# %% ../nbs/06b_export.ipynb #a20bf203
 def _metadata(fmt, kind, rank, alpha):
     if fmt == "comfyui": return {"format": "pt"}
     return {"format": "pt", "ss_network_module": _KOHYA_MODULE[kind], "ss_network_dim": str(rank),

@@ -57,6 +57,7 @@ def shift_sigmas(sigmas: torch.Tensor,  # sigmas in [0, 1]
     if mu is not None: return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
+# %% ../nbs/07_flow.ipynb #457986cc
 def flux2_mu(image_seq_len: int,  # number of target image tokens (h * w of the packed latents)
              num_steps: int = 50,  # inference step count the schedule is matched to
             ) -> float:
@@ -102,6 +103,7 @@ class FlowOutput:
     sigmas: torch.Tensor  # (B,) the sigmas used (transformer got timestep = sigma)
     guidance: torch.Tensor | None  # (B,) guidance values passed to the transformer, None for klein
 
+# %% ../nbs/07_flow.ipynb #be6f87a5
 def _check_batch(batch, in_channels, joint_dim):
     lat, emb = batch.get("latents"), batch.get("prompt_embeds")
     if not isinstance(lat, torch.Tensor) or lat.ndim != 4 or lat.shape[1] != in_channels:
@@ -158,6 +160,7 @@ def flow_draws(model_input: torch.Tensor,  # clean latents (B,128,h,w)
     noise = torch.randn(model_input.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return sigmas, guidance, noise.to(device=device, dtype=model_input.dtype)
 
+# %% ../nbs/07_flow.ipynb #060a6d20
 def flow_match_loss(transformer: torch.nn.Module,  # Flux2Transformer2DModel (with LoRA; may be accelerate-wrapped)
                     batch: dict,  # latents (B,128,h,w), prompt_embeds (B,L,D), optional ref_latents [(B,128,h',w'), ...]
                     generator: torch.Generator,  # the dedicated generator: sigmas, guidance, noise, in that order

@@ -35,11 +35,13 @@ def check_kernel(reset_state: bool = False,  # forget a single-process accelerat
                           "Trainer run here: the children would inherit it. Restart the kernel, or pass "
                           "reset_state=True to launch() when that state was single-process")
 
+# %% ../nbs/17_launch.ipynb #7d3d995e
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port free on `host` now."
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0)); return s.getsockname()[1]
 
+# %% ../nbs/17_launch.ipynb #43c39753
 def check_port(port: int,  # the rendezvous port
                host: str = "127.0.0.1",  # master address
               ) -> int:
@@ -61,6 +63,7 @@ class _Job:
     job_dir: str
     trainer_kwargs: dict = field(default_factory=dict)
 
+# %% ../nbs/17_launch.ipynb #83595f83
 def _lora_sha(transformer, strategy: str = "ddp") -> str:
     import hashlib
     from flux2_kit.lora import lora_state_dict
@@ -70,6 +73,7 @@ def _lora_sha(transformer, strategy: str = "ddp") -> str:
         h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/17_launch.ipynb #12c5f66e
 def _make_accelerator(cfg: Config, plan: dict, cuda: bool):
     "The run's Accelerator with the strategy's plugin (in a child)."
     from flux2_kit.train import make_accelerator
@@ -78,12 +82,14 @@ def _make_accelerator(cfg: Config, plan: dict, cuda: bool):
     mp = cfg.mixed_precision if cuda or cfg.mixed_precision != "fp16" else "no"
     return make_accelerator(mp, cfg.gradient_accumulation_steps, cpu=not cuda, **kw)
 
+# %% ../nbs/17_launch.ipynb #2f4c42a5
 def _quiet_progress():
     "Turn off the libraries' progress bars: in processes forked from a kernel they would draw widgets through its comm."
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import diffusers, transformers
     transformers.utils.logging.disable_progress_bar(); diffusers.utils.logging.disable_progress_bar()
 
+# %% ../nbs/17_launch.ipynb #8a9be411
 def _child(job: _Job):
     "The function every process runs: check the group, train, write `launch/rank-N.json` (errors too)."
     import torch
@@ -194,6 +200,7 @@ def _resolve(src, trainer_kwargs: dict | None) -> tuple:
     kw.update(trainer_kwargs or {})
     return cfg, kw
 
+# %% ../nbs/17_launch.ipynb #3d6c4e6a
 def _launcher(fn, job: _Job, num_processes: int, mixed_precision: str, port: int, master_addr: str):
     "The launcher process: notebook_launcher (which forks the ranks); its own failure goes to launch/launcher.txt."
     os.setpgrp()  # its own process group, so kill() reaches every rank
@@ -206,6 +213,7 @@ def _launcher(fn, job: _Job, num_processes: int, mixed_precision: str, port: int
         os._exit(1)
     os._exit(0)
 
+# %% ../nbs/17_launch.ipynb #4c89f25e
 def launch(src,  # a Config, a Trainer (not yet run), a config.json path / folder, or a dict of config keys
            num_processes: int = 2,  # processes (GPUs; on CPU-only machines gloo processes)
            strategy: str | None = None,  # "ddp" or "fsdp2" ("deepspeed": checked, then refused); None: "fsdp2" if the config's fsdp_enable

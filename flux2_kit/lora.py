@@ -36,6 +36,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         elif isinstance(getattr(model, "module", None), torch.nn.Module): model = model.module
         else: return model
 
+# %% ../nbs/06_lora.ipynb #4f78248a
 def _preset_regex(preset):
     double, single = PRESETS[preset]
     alt = lambda names: "|".join(re.escape(n) for n in names)
@@ -43,6 +44,7 @@ def _preset_regex(preset):
     if single: parts.append(rf"single_transformer_blocks\.\d+\.(?:{alt(single)})")
     return "(?:" + "|".join(parts) + ")"
 
+# %% ../nbs/06_lora.ipynb #b77a1254
 def _linears(model):
     "Names of the plain (or quantised) `Linear` layers, skipping adapter internals."
     return [n for n, m in model.named_modules()
@@ -107,6 +109,7 @@ def _peft_config(lora_type, targets, rank, alpha, init, dropout, use_dora=False)
     cls = peft.LoKrConfig if lora_type == "lokr" else peft.LoHaConfig
     return cls(r=rank, alpha=alpha, init_weights=init, rank_dropout=dropout, target_modules=targets)
 
+# %% ../nbs/06_lora.ipynb #5de850a3
 def _check_args(rank, alpha, dropout, lora_type, use_dora=False):
     if lora_type == "dora": raise ValueError("lora_type 'dora' is lora_type 'lora' with use_dora=True (peft's DoRA)")
     if lora_type not in LORA_TYPES: raise ValueError(f"lora_type {lora_type!r} is not one of {LORA_TYPES}")
@@ -154,6 +157,7 @@ def adapter_name_of(transformer: torch.nn.Module, adapter_name: str | None = Non
     if adapter_name not in names: raise ValueError(f"no adapter {adapter_name!r} on the transformer (it has {names})")
     return adapter_name
 
+# %% ../nbs/06_lora.ipynb #88fd959d
 def lora_state_dict(transformer: torch.nn.Module,  # a transformer with a peft adapter (wrapped or not)
                     adapter_name: str | None = None,  # which adapter; None: the only one
                    ) -> dict[str, torch.Tensor]:
@@ -162,6 +166,7 @@ def lora_state_dict(transformer: torch.nn.Module,  # a transformer with a peft a
     sd = get_peft_model_state_dict(unwrap_model(transformer), adapter_name=adapter_name_of(transformer, adapter_name))
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
+# %% ../nbs/06_lora.ipynb #a9815282
 def lora_scales(transformer: torch.nn.Module,  # a transformer with a peft adapter
                 adapter_name: str | None = None,  # which adapter; None: the only one
                ) -> dict[str, float]:
@@ -191,6 +196,7 @@ def _lora_pairs(sd):
         if "A" not in d or "B" not in d: raise ValueError(f"LoRA module {m!r} lacks its lora_A or lora_B weight")
     return out
 
+# %% ../nbs/06_lora.ipynb #42238d0b
 def lora_deltas(sd: dict,  # a LoRA state dict (peft, diffusers `transformer.`, or BFL `diffusion_model.` names)
                 scales: float | dict[str, float] = 1.0,  # per-module scale (`lora_scales`), or one number
                ) -> dict[str, torch.Tensor]:
@@ -213,6 +219,7 @@ def _atomic_save_file(tensors, path, metadata=None):
         if os.path.exists(tmp): os.remove(tmp)
     return path
 
+# %% ../nbs/06_lora.ipynb #7e6dd80e
 def save_lora(transformer: torch.nn.Module,  # a transformer with a peft adapter
               save_directory: str | Path,  # folder for the weights file (created)
               weight_name: str = "pytorch_lora_weights.safetensors",  # file name inside `save_directory`
@@ -319,6 +326,7 @@ def _from_bfl(bfl):
                 if b == rest: return [f"transformer_blocks.{n}.{d}"]
     raise ValueError(f"BFL/ComfyUI module {bfl!r} is not a FLUX.2 module this converter knows")
 
+# %% ../nbs/06_lora.ipynb #f81bf15e
 def from_comfyui(sd: dict,  # BFL/ComfyUI LoRA state dict (`diffusion_model.` prefix optional, lora_A/B or lora_down/up)
                 ) -> dict[str, torch.Tensor]:
     "The LoRA in peft/diffusers module names (as `lora_state_dict` returns them), scale baked in (scale 1)."

@@ -43,6 +43,7 @@ TEXT_LAYERS = {"dev": (10, 20, 30), "klein": (9, 18, 27)}  # hidden-state layers
 
 def _closest(value, choices) -> str: return did_you_mean(value, choices, 0.4, " (", ")")
 
+# %% ../nbs/03_models.ipynb #f6a4e5f1
 def flavour_family(flavour: str,  # SimpleTuner `model_flavour`: "dev", "klein-4b", "klein-9b" (or "klein")
                   ) -> str:
     "'dev' (Mistral3 encoder) or 'klein' (Qwen3 encoder) for a model flavour."
@@ -64,6 +65,7 @@ def parse_dtype(name: str | torch.dtype,  # "bf16" / "fp16" / "fp32" (or the lon
         raise ValueError(f"{key}={name!r} is not one of {sorted(DTYPES)}{_closest(name, DTYPES)}")
     return DTYPES[name]
 
+# %% ../nbs/03_models.ipynb #dcd88379
 def parse_precision(precision: str | None,  # SimpleTuner precision: "no_change", "bf16", ..., "int8-quanto", "int4-quanto"
                     default_dtype: str | torch.dtype = "fp32",  # dtype of unquantised weights (`base_model_default_dtype`)
                     key: str = "base_model_precision",  # the config key named in errors
@@ -84,8 +86,10 @@ def _device(device) -> torch.device:
     if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+# %% ../nbs/03_models.ipynb #5bb33ec2
 def _is_local(path) -> bool: return Path(str(path)).is_dir()
 
+# %% ../nbs/03_models.ipynb #d5521a29
 def _folder_hash(root: Path, subfolders: Sequence[str]) -> str:
     "sha256 over the names and sizes of the files in `subfolders` (and the content of their small json files)."
     h = hashlib.sha256()
@@ -98,6 +102,7 @@ def _folder_hash(root: Path, subfolders: Sequence[str]) -> str:
             if f.suffix in (".json", ".jinja") and size < 1 << 20: h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
+# %% ../nbs/03_models.ipynb #b0898323
 def source_identity(path: str | Path,  # local folder or hub id
                     subfolders: Sequence[str],  # the parts that define the model, e.g. ("text_encoder", "tokenizer")
                     config=None,  # a loaded config: its `_commit_hash` identifies a hub download
@@ -114,6 +119,7 @@ def count_params(model: torch.nn.Module) -> int:
     "Number of parameters (shared ones counted once; quantised weights by their logical size)."
     return sum(p.numel() for p in model.parameters())
 
+# %% ../nbs/03_models.ipynb #efd1a150
 @dataclass
 class LoadSummary:
     "What a loader loaded, for the notebook and the run log."
@@ -155,6 +161,7 @@ def _quantise(model, qtype: str | None, device: torch.device, quantize_via: str,
     notes.append(f"weights quantised to {qtype} with optimum-quanto on {next(model.parameters()).device}")
     return model
 
+# %% ../nbs/03_models.ipynb #e6a72bca
 GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
 
 def _place(model, device: torch.device, *, keep_on_cpu: bool = False, group_offload: bool = False,
@@ -212,6 +219,7 @@ def _text_parts(family):
     if family == "dev": return ("mistral3", tf.Mistral3ForConditionalGeneration, tf.MistralModel, _MISTRAL3_KEYS)
     return ("qwen3", tf.Qwen3ForCausalLM, tf.Qwen3Model, None)
 
+# %% ../nbs/03_models.ipynb #c397d847
 def _quiet_transformers():
     "Context: transformers' load report lists every tensor the diet skips on purpose; hide it."
     import contextlib
@@ -223,6 +231,7 @@ def _quiet_transformers():
         finally: tlog.set_verbosity(old)
     return ctx()
 
+# %% ../nbs/03_models.ipynb #7dfb07be
 def _truncated_config(text_cfg, depth: int):
     "A copy of a decoder config with only the first `depth` layers."
     tc = copy.deepcopy(text_cfg)
@@ -231,6 +240,7 @@ def _truncated_config(text_cfg, depth: int):
     if getattr(tc, "max_window_layers", None) is not None: tc.max_window_layers = min(tc.max_window_layers, depth)
     return tc
 
+# %% ../nbs/03_models.ipynb #a5d7b6bc
 def _full_params(cls, config) -> int:
     "Parameters of the full checkpoint architecture, counted on the meta device (nothing allocated)."
     with torch.device("meta"): return count_params(cls(config))
@@ -244,6 +254,7 @@ def _load_tokenizer(path, subfolder: str, revision):
     if key not in _TOKENIZERS: _TOKENIZERS[key] = _read_tokenizer(path, subfolder, revision)
     return _TOKENIZERS[key]
 
+# %% ../nbs/03_models.ipynb #4dcd0963
 def _read_tokenizer(path, subfolder: str, revision):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
@@ -260,6 +271,7 @@ def _read_tokenizer(path, subfolder: str, revision):
         raise ValueError(f"the tokenizer in {path}/{subfolder} has no chat template; FLUX.2 encodes prompts as chats")
     return tok
 
+# %% ../nbs/03_models.ipynb #40b9718a
 def _template_id(family: str, tokenizer, system_message) -> str:
     conv = ("flux2-dev: format_input(system, user), add_generation_prompt=False" if family == "dev" else
             "flux2-klein: user only, add_generation_prompt=True, enable_thinking=False")
@@ -408,6 +420,7 @@ def _model_summary(component, model, src, identity, dtype, precision, device, t0
     return LoadSummary(component, type(model).__name__, str(src), identity, count_params(model), count_params(model),
                        str(dtype)[6:], precision, str(device), time.time() - t0, notes=notes)
 
+# %% ../nbs/03_models.ipynb #0ebddbe0
 def load_vae(path: str | Path,  # local folder, hub id or "flux2-tiny:dev"
              *,
              dtype: str | torch.dtype = "fp32",  # VAE weights dtype ("fp32", "bf16", "fp16")
@@ -499,6 +512,7 @@ def load_vae_from_config(cfg,  # object with SimpleTuner keys as attributes
                     group_offload_use_stream=bool(spec_get(cfg, "group_offload_use_stream", False)),
                     revision=spec_get(cfg, "revision"))
 
+# %% ../nbs/03_models.ipynb #ea366ac4
 def load_transformer_from_config(cfg,  # object with SimpleTuner keys as attributes
                                  device: str | torch.device | None = None,  # where to train
                                 ):
@@ -524,6 +538,7 @@ def _module_bytes(m: torch.nn.Module) -> int:
         seen.add(key); n += t.numel() * t.element_size()
     return n
 
+# %% ../nbs/03_models.ipynb #db926d45
 def _empty_module(m: torch.nn.Module) -> int:
     "Drop `m`'s hooks and replace its tensors by meta tensors; returns the bytes released."
     n = _module_bytes(m)
@@ -539,6 +554,7 @@ def _empty_module(m: torch.nn.Module) -> int:
             if b is not None: sub._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
     return n
 
+# %% ../nbs/03_models.ipynb #807ae6a5
 def free(*objs,  # modules, TextEncoders, pipelines, or lists/dicts of them
         ) -> int:
     "Release the memory of models (left on the meta device); returns the bytes of weights released."
@@ -558,6 +574,7 @@ def free(*objs,  # modules, TextEncoders, pipelines, or lists/dicts of them
     except (OSError, AttributeError): pass
     return n
 
+# %% ../nbs/03_models.ipynb #b1a388fc
 def rss_bytes() -> int:
     "This process's resident memory (Linux `/proc/self/statm`; 0 elsewhere)."
     try: return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")

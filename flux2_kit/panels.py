@@ -30,12 +30,14 @@ def _png(img: Image.Image) -> bytes:
     img.save(buf, format="PNG")
     return buf.getvalue()
 
+# %% ../nbs/15_panels.ipynb #6829c279
 def _thumb(img: Image.Image, size: int) -> Image.Image:
     "An RGB copy of `img` that fits in size x size."
     t = img.convert("RGB")
     t.thumbnail((size, size))
     return t
 
+# %% ../nbs/15_panels.ipynb #cf9b174d
 def _figure_png(draw: Callable,  # draw(fig) adds axes and plots to a matplotlib Figure
                 figsize=(10, 2.8), dpi=80) -> bytes:
     "Draw with matplotlib's object API (no pyplot: no global backend, safe in a thread) and return PNG bytes."
@@ -46,26 +48,31 @@ def _figure_png(draw: Callable,  # draw(fig) adds axes and plots to a matplotlib
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
+# %% ../nbs/15_panels.ipynb #9a279296
 def _num(x) -> float:
     "A float from an event value ('nan'/'inf' strings included); nan for None or junk."
     try: return float(x)
     except (TypeError, ValueError): return float("nan")
 
+# %% ../nbs/15_panels.ipynb #69d19b63
 def _red(text: str) -> str:
     return f'<div style="color:#b00020;white-space:pre-wrap">{html.escape(text)}</div>'
 
+# %% ../nbs/15_panels.ipynb #67734c5c
 def _fmt_secs(s) -> str:
     s = _num(s)
     if not math.isfinite(s): return "?"
     s = int(round(s)); h, r = divmod(s, 3600); m, sec = divmod(r, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
+# %% ../nbs/15_panels.ipynb #abfff379
 def _thin(points: list, n: int = 4000) -> list:
     "At most about `n` evenly spaced points (the last one kept): long runs plot fast."
     if len(points) <= n: return points
     k = math.ceil(len(points) / n)
     return points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
 
+# %% ../nbs/15_panels.ipynb #0f411f15
 def _wrap() -> W.Layout:
     return W.Layout(flex_flow="row wrap", align_items="flex-start")
 
@@ -104,6 +111,7 @@ def _report(self: Panel, e: BaseException,  # the exception (call inside its `ex
         self.out.append_stderr(traceback.format_exc())
     except Exception: pass
 
+# %% ../nbs/15_panels.ipynb #50283d96
 @patch
 def _call(self: Panel, name: str,  # method to call, looked up now (so a later @patch applies)
           *args):
@@ -112,16 +120,19 @@ def _call(self: Panel, name: str,  # method to call, looked up now (so a later @
         with self._lock: return getattr(self, name)(*args)
     except Exception as e: self._report(e, name)
 
+# %% ../nbs/15_panels.ipynb #37861647
 @patch
 def _on_click(self: Panel, button: W.Button, name: str, *args):  # button, handler name, its arguments
     "Wire a button to handler `name`."
     button.on_click(lambda b: self._call(name, *args))
 
+# %% ../nbs/15_panels.ipynb #d515d30c
 @patch
 def _on_change(self: Panel, widget, name: str):  # widget with a `value`, handler name
     "Wire a widget's value changes to handler `name` (ignored while the panel sets values itself)."
     widget.observe(lambda ch: None if getattr(self._tls, "mute", 0) else self._call(name), names="value")
 
+# %% ../nbs/15_panels.ipynb #0271e6de
 @patch
 def _set(self: Panel, widget, **traits):
     "Set widget traits without firing our handlers (in this thread only: a user's click meanwhile still counts)."
@@ -146,6 +157,7 @@ def process_alive(hostname: str | None,  # the host the process runs on (run.jso
     except (OSError, IndexError): pass
     return True
 
+# %% ../nbs/15_panels.ipynb #bb7275ae
 Panel.stale_after = 600.0  # seconds without an event after which a run without run_end counts as stale (0: never)
 
 @patch
@@ -160,6 +172,7 @@ def _track(self: Panel, ev: dict):  # one event, before `_event`
     tm = ev.get("time")
     self._last_time = float(tm) if isinstance(tm, (int, float)) else time.time()
 
+# %% ../nbs/15_panels.ipynb #17a22a96
 @patch
 def liveness(self: Panel) -> str | None:
     "For a run without run_end: 'dead' (its rank-0 process is gone from this host), 'stale' (no event for `stale_after` s), else None."
@@ -168,10 +181,12 @@ def liveness(self: Panel) -> str | None:
     if self.stale_after and time.time() - self._last_time > self.stale_after: return "stale"
     return None
 
+# %% ../nbs/15_panels.ipynb #a701872e
 @patch
 def _run_lost(self: Panel, state: str | None):  # 'dead', 'stale' or None (live again)
     "Subclasses: react to a run that died without run_end (or came back from a stale spell)."
 
+# %% ../nbs/15_panels.ipynb #de7c0714
 def _lost_status(p: Panel, state: str) -> str:
     if state == "dead": return "stopped unexpectedly (no run_end)"
     return f"stale (no event for {_fmt_secs(time.time() - p._last_time)})"
@@ -195,6 +210,7 @@ def refresh(self: Panel) -> int:
         self._report(e, "refresh")
         return 0
 
+# %% ../nbs/15_panels.ipynb #b98fd879
 def _error_line(ev: dict) -> str:
     "One training error as text."
     s = "Training error"
@@ -205,6 +221,7 @@ def _error_line(ev: dict) -> str:
     if ev.get("advice"): s += f"\n  → {ev['advice']}"
     return s
 
+# %% ../nbs/15_panels.ipynb #2d5ba047
 @patch
 def _training_error(self: Panel, ev: dict):  # an `error` event
     "Keep a training error and show the last three in red."
@@ -227,6 +244,7 @@ def start(self: Panel, interval: float = 1.0,  # seconds between refreshes
     self._thread.start()
     return self
 
+# %% ../nbs/15_panels.ipynb #7468898b
 @patch
 def stop(self: Panel, timeout: float = 5.0):  # seconds to wait for the thread
     "Stop the auto-refresh thread (no-op when none runs)."
@@ -277,6 +295,7 @@ def _sigma_loss(ev: dict) -> list:
     else: pairs = ((x, ev.get("loss")) for x in sig)
     return [(_num(a), _num(b)) for a, b in pairs]
 
+# %% ../nbs/15_panels.ipynb #0b557a48
 @patch
 def _event(self: TrainingMonitor, ev: dict):
     t = ev.get("type")
@@ -296,6 +315,7 @@ def _event(self: TrainingMonitor, ev: dict):
     elif t == "message": self.messages.append(str(ev.get("text", "")))
     elif t == "run_end": self.status, self.ended = ev.get("status", "ended"), ev
 
+# %% ../nbs/15_panels.ipynb #d81f0c7c
 @patch
 def _run_lost(self: TrainingMonitor, state: str | None):  # 'dead', 'stale' or None (live again)
     lost = self.status.startswith(("stale", "stopped unexpectedly"))
@@ -314,6 +334,7 @@ def losses(self: TrainingMonitor) -> list:
     "[(step, loss)] for every step event (nan where the loss was not finite)."
     return [(e["step"], _num(e["loss"])) for e in self.steps]
 
+# %% ../nbs/15_panels.ipynb #f7c980ea
 @patch
 def smoothed(self: TrainingMonitor, beta: float | None = None,  # EMA factor (default: the monitor's `ema`)
             ) -> list:
@@ -325,6 +346,7 @@ def smoothed(self: TrainingMonitor, beta: float | None = None,  # EMA factor (de
         out.append((s, avg / (1 - beta ** n) if n else float("nan")))
     return out
 
+# %% ../nbs/15_panels.ipynb #b1152da7
 @patch
 def sigma_bins(self: TrainingMonitor, bins: int | None = None,  # number of equal bins over [0, 1]
               ) -> list:
@@ -338,12 +360,14 @@ def sigma_bins(self: TrainingMonitor, bins: int | None = None,  # number of equa
     return [dict(lo=i / bins, hi=(i + 1) / bins, mean=tot[i] / cnt[i] if cnt[i] else None, count=cnt[i])
             for i in range(bins)]
 
+# %% ../nbs/15_panels.ipynb #82722746
 @patch
 def series(self: TrainingMonitor, key: str,  # a step-event field: 'lr', 'samples_per_s', 'grad_norm', 'eta_s' ...
           ) -> list:
     "[(step, value)] of one step-event field, where present."
     return [(e["step"], _num(e[key])) for e in self.steps if e.get(key) is not None]
 
+# %% ../nbs/15_panels.ipynb #ead47680
 @patch
 def latest(self: TrainingMonitor) -> dict:
     "The newest step's numbers plus status, max_steps and the EMA loss."
@@ -353,6 +377,7 @@ def latest(self: TrainingMonitor) -> dict:
                 ema=sm[-1][1] if sm else float("nan"), lr=_num(e.get("lr")), samples_per_s=_num(e.get("samples_per_s")),
                 eta_s=_num(e.get("eta_s")), epoch=e.get("epoch"), grad_norm=_num(e.get("grad_norm")))
 
+# %% ../nbs/15_panels.ipynb #feba60db
 @patch
 def cache_progress(self: TrainingMonitor) -> dict:
     "{kind: (done, total)} of the caches."
@@ -382,6 +407,7 @@ def _draw(self: TrainingMonitor):
     self.plot_note.value = f"<small>{len(raw)} loss points" + (f", steps {raw[0][0]}-{raw[-1][0]}" if raw else "") + "</small>"
     self._dirty, self._plotted = False, time.monotonic()
 
+# %% ../nbs/15_panels.ipynb #c2d271ec
 @patch
 def _update(self: TrainingMonitor, n: int):
     if self.max_steps is None and self.run.run_json.exists():
@@ -420,16 +446,19 @@ def _control(self: TrainingMonitor, note: str, **changes) -> dict:
     self.control_note.value = html.escape(note)
     return new
 
+# %% ../nbs/15_panels.ipynb #737465a2
 @patch
 def request_pause(self: TrainingMonitor) -> dict:
     "Ask the run to pause between steps (writes control.json); returns the control state."
     return self._control("pause requested", pause=True)
 
+# %% ../nbs/15_panels.ipynb #8d6d1264
 @patch
 def request_resume(self: TrainingMonitor) -> dict:
     "Ask a paused run to go on; returns the control state."
     return self._control("resume requested", pause=False)
 
+# %% ../nbs/15_panels.ipynb #8dc52dc2
 @patch
 def request_stop(self: TrainingMonitor) -> dict:
     "Ask the run to save a checkpoint and end; returns the control state."
@@ -459,16 +488,19 @@ def _bucket_row(r: Mapping) -> dict:
     return dict(bucket=label, width=w, height=h, aspect=r.get("aspect", round(w / h, 2) if w and h else None),
                 images=int(n), samples=int(r.get("samples", n)))
 
+# %% ../nbs/15_panels.ipynb #76542297
 def _table_data(t: BucketTable) -> dict:
     "What the inspector shows of one BucketTable."
     return dict(buckets=[_bucket_row(r) for r in t.rows(0)], items=t.item_rows(),
                 report=t.report.rows() if t.report is not None else [])
 
+# %% ../nbs/15_panels.ipynb #f189b252
 def _sidecar_caption(path: str) -> str:
     "The caption in the .txt file next to an image (SimpleTuner's `textfile` strategy), or ''."
     try: return Path(path).with_suffix(".txt").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError): return ""
 
+# %% ../nbs/15_panels.ipynb #23c0165c
 def _event_data(ev: Mapping,  # a `buckets` event
                 rows: list | None = None,  # its rows of one dataset (default: all its rows)
                ) -> dict:
@@ -542,29 +574,34 @@ def datasets(self: BucketInspector) -> list:
     "Dataset ids, in order."
     return list(self.data)
 
+# %% ../nbs/15_panels.ipynb #341bff82
 @patch
 def _ds(self: BucketInspector, dataset: str | None) -> dict:
     dataset = dataset if dataset is not None else (self.dataset.value or next(iter(self.data), None))
     if dataset not in self.data: raise KeyError(f"no dataset {dataset!r}; datasets: {list(self.data)}")
     return self.data[dataset]
 
+# %% ../nbs/15_panels.ipynb #28ae24bd
 @patch
 def bucket_rows(self: BucketInspector, dataset: str | None = None,  # default: the selected dataset
                ) -> list:
     "One dict per bucket: bucket label, width, height, aspect, images, samples per epoch."
     return [dict(r) for r in self._ds(dataset)["buckets"]]
 
+# %% ../nbs/15_panels.ipynb #72b6e6d5
 @patch
 def histogram(self: BucketInspector, dataset: str | None = None) -> list:
     "[(bucket label, images)]: the histogram's bars."
     return [(r["bucket"], r["images"]) for r in self._ds(dataset)["buckets"]]
 
+# %% ../nbs/15_panels.ipynb #b8f5819b
 @patch
 def item_rows(self: BucketInspector, bucket: str | None = None,  # one bucket's images (default: all)
               dataset: str | None = None) -> list:
     "One dict per image: path, key, size, bucket, crop box, target, caption."
     return [dict(r) for r in self._ds(dataset)["items"] if bucket is None or r["bucket"] == bucket]
 
+# %% ../nbs/15_panels.ipynb #b6df3819
 @patch
 def report_rows(self: BucketInspector, dataset: str | None = None,
                 level: str | None = None,  # 'skip' or 'warning' (default: both)
@@ -572,6 +609,7 @@ def report_rows(self: BucketInspector, dataset: str | None = None,
     "The scan's report rows: path, code, reason, level."
     return [dict(r) for r in self._ds(dataset)["report"] if level is None or r.get("level") == level]
 
+# %% ../nbs/15_panels.ipynb #8189e03c
 @patch
 def caption(self: BucketInspector, path_or_key: str,  # an image's path or key
             dataset: str | None = None) -> str:
@@ -580,11 +618,13 @@ def caption(self: BucketInspector, path_or_key: str,  # an image's path or key
         if path_or_key in (r["path"], r.get("key")): return r.get("caption", "")
     raise KeyError(f"no image {path_or_key!r} in dataset {dataset or self.dataset.value!r}")
 
+# %% ../nbs/15_panels.ipynb #b3fc2008
 @patch
 def selected(self: BucketInspector) -> dict | None:
     "The selected image's row, or None."
     return next((dict(r) for r in self._ds(None)["items"] if r["path"] == self.item.value), None) if self.data else None
 
+# %% ../nbs/15_panels.ipynb #683a1f89
 @patch
 def shown_thumbnails(self: BucketInspector) -> list:
     "Paths of the thumbnails on display."
@@ -604,6 +644,7 @@ def _crop_png(self: BucketInspector, row: dict, size: int) -> bytes:
         self._pngs[k] = _png(img)
     return self._pngs[k]
 
+# %% ../nbs/15_panels.ipynb #bf5c01ba
 @patch
 def _event(self: BucketInspector, ev: dict):
     t = ev.get("type")
@@ -621,6 +662,7 @@ def _event(self: BucketInspector, ev: dict):
         self._skipped[ds] = ev["skipped"]
         if ds in self.data and ds not in self._given: self.data[ds]["report"], self._changed = list(ev["skipped"]), True
 
+# %% ../nbs/15_panels.ipynb #aa76222a
 @patch
 def _update(self: BucketInspector, n: int):
     if not self._changed: return
@@ -629,6 +671,7 @@ def _update(self: BucketInspector, n: int):
     self._set(self.dataset, options=self.datasets(), value=cur if cur in self.data else next(iter(self.data), None))
     self._show_dataset()
 
+# %% ../nbs/15_panels.ipynb #1dbd056d
 @patch
 def _show_dataset(self: BucketInspector):
     if not self.data: self.summary.value = "no bucket table yet"; return
@@ -656,6 +699,7 @@ def _show_dataset(self: BucketInspector):
               value=cur if cur in labels else (labels[0] if labels else None))
     self._show_bucket()
 
+# %% ../nbs/15_panels.ipynb #7bfc0f07
 @patch
 def _show_bucket(self: BucketInspector):
     items = self.item_rows(self.bucket.value) if self.bucket.value else []
@@ -674,6 +718,7 @@ def _show_bucket(self: BucketInspector):
               value=cur if cur in paths else (paths[0] if paths else None))
     self._show_item()
 
+# %% ../nbs/15_panels.ipynb #15551820
 @patch
 def _show_item(self: BucketInspector):
     r = self.selected()
@@ -683,6 +728,7 @@ def _show_item(self: BucketInspector):
                                f" · crop {r['crop']}<br><i>{html.escape(r.get('caption') or '(no caption)')}</i>")
     self.large.value = self._crop_png(r, self.large_size)
 
+# %% ../nbs/15_panels.ipynb #b46d49f9
 @patch
 def select_item(self: BucketInspector, path: str):  # an image path of the selected dataset
     "Select an image (its bucket too): shows its caption and the large image with its crop box."
@@ -751,6 +797,7 @@ def available_steps(self: ValidationGrid) -> list:
     "Steps with validation previews (not counting base-only or guidance-only folders), ascending."
     return [s for s, e in self.index.items() if e["prompts"]]
 
+# %% ../nbs/15_panels.ipynb #cb3ebe0c
 @patch
 def prompts(self: ValidationGrid, step: int | None = None,  # one step's prompts (default: all steps)
            ) -> list:
@@ -758,6 +805,7 @@ def prompts(self: ValidationGrid, step: int | None = None,  # one step's prompts
     if step is not None: return sorted(self.index.get(step, {}).get("prompts", {}))
     return sorted({p for e in self.index.values() for p in list(e["prompts"]) + list(e["base"])})
 
+# %% ../nbs/15_panels.ipynb #a50719b8
 @patch
 def base_image(self: ValidationGrid, prompt: str,
                step: int | None = None,  # prefer this step's folder; else the newest folder holding one
@@ -768,6 +816,7 @@ def base_image(self: ValidationGrid, prompt: str,
         if prompt in self.index[s]["base"]: return self.index[s]["base"][prompt]
     return None
 
+# %% ../nbs/15_panels.ipynb #3baf6430
 @patch
 def image(self: ValidationGrid, step: int,  # a step, or -1 for the base model
           prompt: str) -> Path | None:
@@ -775,6 +824,7 @@ def image(self: ValidationGrid, step: int,  # a step, or -1 for the base model
     if step == _BASE: return self.base_image(prompt)
     return self.index.get(step, {}).get("prompts", {}).get(prompt)
 
+# %% ../nbs/15_panels.ipynb #3c2c3a6d
 @patch
 def table(self: ValidationGrid) -> dict:
     "{prompt: {step: path}} with the base model's image under step -1."
@@ -785,6 +835,7 @@ def table(self: ValidationGrid) -> dict:
         out[p] = {k: str(v) for k, v in row.items()}
     return out
 
+# %% ../nbs/15_panels.ipynb #38538ac2
 @patch
 def comparison(self: ValidationGrid) -> dict:
     "The compared pair for the selected prompt: {'prompt', 'a': (step, path), 'b': (step, path)} (step -1: base)."
@@ -802,6 +853,7 @@ def _thumb_png(self: ValidationGrid, path: Path, size: int) -> bytes:
         if len(self._pngs) > 512: self._pngs = {k: self._pngs[k]}
     return self._pngs[k]
 
+# %% ../nbs/15_panels.ipynb #3857ef1f
 @patch
 def _card(self: ValidationGrid, row: str, label: str, path: Path) -> W.VBox:
     b = W.Button(description=label[:24], tooltip=f"enlarge {path.name}", layout=W.Layout(width=f"{self.thumb_size}px"))
@@ -809,10 +861,12 @@ def _card(self: ValidationGrid, row: str, label: str, path: Path) -> W.VBox:
     self.cards[row].append((label, path, b))
     return W.VBox([W.Image(value=self._thumb_png(path, self.thumb_size), format="png"), b])
 
+# %% ../nbs/15_panels.ipynb #e4bf47c9
 @patch
 def _event(self: ValidationGrid, ev: dict):
     if ev.get("type") == "preview": self._stale = True
 
+# %% ../nbs/15_panels.ipynb #a1397a62
 @patch
 def _update(self: ValidationGrid, n: int):
     try: sig = self.run.previews_dir.stat().st_mtime_ns
@@ -835,6 +889,7 @@ def _update(self: ValidationGrid, n: int):
     self.info.value = f"{len(steps)} checkpoint(s) with previews · {len(prompts)} prompt(s)"
     self._show_step(); self._show_prompt()
 
+# %% ../nbs/15_panels.ipynb #75b65870
 @patch
 def _show_step(self: ValidationGrid):
     s = self.step.value
@@ -847,6 +902,7 @@ def _show_step(self: ValidationGrid):
                            (W.HTML(f"<b>{html.escape(label)}</b>"),
                             W.HBox([self._card("extra", f"{label} · {p}", f) for p, f in sorted(ims.items())], layout=_wrap()))]
 
+# %% ../nbs/15_panels.ipynb #0cc05664
 @patch
 def extra_rows(self: ValidationGrid, step: int | None = None,  # default: the selected checkpoint
               ) -> dict:
@@ -858,6 +914,7 @@ def extra_rows(self: ValidationGrid, step: int | None = None,  # default: the se
             if label.endswith(" base") and label not in rows: rows[label] = ims
     return dict(sorted(rows.items(), key=lambda kv: (not kv[0].startswith("LoRA"), kv[0])))
 
+# %% ../nbs/15_panels.ipynb #78bb55af
 @patch
 def _show_prompt(self: ValidationGrid):
     p = self.prompt.value
@@ -871,6 +928,7 @@ def _show_prompt(self: ValidationGrid):
     self.prompt_row.children = cells
     self._show_compare()
 
+# %% ../nbs/15_panels.ipynb #77e9da51
 @patch
 def _show_compare(self: ValidationGrid):
     c, cells = self.comparison(), []
@@ -882,6 +940,7 @@ def _show_compare(self: ValidationGrid):
         cells.append(W.VBox([W.HTML(f"<b>{side.upper()}: {lab}</b>"), img]))
     self.compare_box.children = cells
 
+# %% ../nbs/15_panels.ipynb #1139b747
 @patch
 def enlarge(self: ValidationGrid, path: str | os.PathLike,  # a preview image
             label: str = "",  # shown above it
@@ -912,6 +971,7 @@ def update_config_file(path: str | os.PathLike,  # a config.json
         raw[spelled] = v
     return atomic_write_json(path, raw)
 
+# %% ../nbs/15_panels.ipynb #a6936f1f
 def _guidance_values(v) -> list:
     "A checked list of guidance scales."
     v = [v] if isinstance(v, (int, float)) else list(v)
@@ -982,6 +1042,7 @@ def training_guidance(self: GuidancePanel) -> dict:
     return dict(flux_guidance_mode=self.mode.value, flux_guidance_value=float(self.value.value),
                 flux_guidance_min=float(self.gmin.value), flux_guidance_max=float(self.gmax.value))
 
+# %% ../nbs/15_panels.ipynb #50b52b06
 @patch
 def save_config(self: GuidancePanel) -> Path:
     "Validate the training guidance with `Config.replace`, write it into the config file atomically, reload; returns the path."
@@ -1001,6 +1062,7 @@ def preview_values(self: GuidancePanel) -> list:
     "The preview guidance list (the slider's value when the list is empty)."
     return _guidance_values(self.values.value or [self.slider.value])
 
+# %% ../nbs/15_panels.ipynb #7086ca11
 @patch
 def add_value(self: GuidancePanel) -> list:
     "Add the slider's value to the preview list (once); returns the list."
@@ -1008,6 +1070,7 @@ def add_value(self: GuidancePanel) -> list:
     if g not in self.values.value: self.values.value = list(self.values.value) + [g]
     return list(self.values.value)
 
+# %% ../nbs/15_panels.ipynb #74854a97
 @patch
 def request(self: GuidancePanel, guidance=None,  # a scale or a list (default: the preview list)
             scale: float | None = None,  # the LoRA's strength (default: the strength slider)
@@ -1029,11 +1092,13 @@ def request(self: GuidancePanel, guidance=None,  # a scale or a list (default: t
     self._start_render(g, s)
     return None
 
+# %% ../nbs/15_panels.ipynb #9ca3a39a
 @patch
 def pending_requests(self: GuidancePanel) -> list:
     "Requests sent to the live run and not answered yet: [{'id', 'guidance', 'time'}]."
     return [dict(v) for _, v in sorted(self.pending.items())]
 
+# %% ../nbs/15_panels.ipynb #5ed11243
 @patch
 def shown(self: GuidancePanel) -> dict | None:
     "What is on display: {'source' ('run' or 'render'), 'id', 'step', 'guidance', 'names'}, or None."
@@ -1070,6 +1135,7 @@ def _start_render(self: GuidancePanel, g: list, scale: float = 1.0):
         self._render_thread.start()
     else: job()
 
+# %% ../nbs/15_panels.ipynb #0583e846
 @patch
 def wait(self: GuidancePanel, timeout: float | None = None):  # seconds
     "Wait for a background render to finish."
@@ -1093,10 +1159,12 @@ def _event(self: GuidancePanel, ev: dict):
         self.pending.pop(rid, None); self.unserved.pop(rid, None)
         self._show_next = rid
 
+# %% ../nbs/15_panels.ipynb #c0cfb0c5
 @patch
 def _update(self: GuidancePanel, n: int):
     if self._show_next is not None: self._show(self._show_next); self._show_next = None
 
+# %% ../nbs/15_panels.ipynb #728f974a
 @patch
 def _run_lost(self: GuidancePanel, state: str | None):  # 'dead', 'stale' or None (live again)
     if state is None:
@@ -1110,6 +1178,7 @@ def _run_lost(self: GuidancePanel, state: str | None):  # 'dead', 'stale' or Non
         ("; press Preview to render from the latest checkpoint" if can else
          "; pass render=checkpoint_renderer(config) to preview from its checkpoints"))
 
+# %% ../nbs/15_panels.ipynb #5f0f85e3
 @patch
 def _config_renderer(self: GuidancePanel) -> Callable | None:
     "A `checkpoint_renderer` of the panel's config when it trains into this run directory (made once), else None."
@@ -1120,6 +1189,7 @@ def _config_renderer(self: GuidancePanel) -> Callable | None:
     if getattr(self, "_ck_render", None) is None: self._ck_render = checkpoint_renderer(self.config)
     return self._ck_render
 
+# %% ../nbs/15_panels.ipynb #e7b3b2f2
 @patch
 def _show(self: GuidancePanel, key):
     "Show one result's images side by side, labelled with prompt and guidance."
@@ -1335,6 +1405,7 @@ def refresh(self: Dashboard) -> int:
         self._report(e, "refresh")
         return 0
 
+# %% ../nbs/15_panels.ipynb #bf2711b5
 @patch
 def all_errors(self: Dashboard) -> list:
     "Handler errors of every panel: [(panel class name, message)]."

@@ -65,17 +65,21 @@ class ModelSpec:
     @property
     def key(self) -> str: return json.dumps(asdict(self), sort_keys=True, default=str)
 
+# %% ../nbs/14_plan.ipynb #e214a65a
 def _family_of_flavour(flavour):
     if flavour in ("dev", "flux2-dev"): return "dev"
     if str(flavour).startswith("klein"): return "klein"
     raise PlanError(f"model_flavour={flavour!r} is not one of {list(FLAVOURS)}")
 
+# %% ../nbs/14_plan.ipynb #88262754
 def _read_json(path):
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise PlanError(f"cannot read {path}: {e}") from None
 
+# %% ../nbs/14_plan.ipynb #4a8db9cd
 def _clean(d): return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
 
+# %% ../nbs/14_plan.ipynb #c5b8740e
 def model_spec(name: str = "dev",  # "dev" | "klein-4b" | "klein-9b" | "flux2-tiny:<dev|klein>" | "flux2-small:<dev|klein>" | a diffusers folder
               ) -> ModelSpec:
     "The configurations of the FLUX.2 model `name` (published flavours, flux2-tiny sizes, or a local diffusers folder)."
@@ -109,6 +113,7 @@ class Tally:
 
     def __add__(self, o): return Tally(self.params + o.params, self.linear + o.linear, self.linear_rows + o.linear_rows)
 
+# %% ../nbs/14_plan.ipynb #99fb00e4
 def _tally(module) -> Tally:
     import torch
     t = Tally(sum(p.numel() for p in module.parameters()))
@@ -137,10 +142,12 @@ class TransformerCounts:
     @property
     def largest_block(self) -> Tally: return max(self.double + self.single, key=lambda t: t.params)
 
+# %% ../nbs/14_plan.ipynb #7cfdcaca
 def _meta(fn):
     import torch
     with torch.device("meta"): return fn()
 
+# %% ../nbs/14_plan.ipynb #8d6e98f1
 @functools.lru_cache(maxsize=32)
 def _transformer_counts(key: str) -> TransformerCounts:
     from diffusers import Flux2Transformer2DModel
@@ -151,6 +158,7 @@ def _transformer_counts(key: str) -> TransformerCounts:
                              c.num_attention_heads * c.attention_head_dim, c.num_attention_heads, c.mlp_ratio,
                              c.joint_attention_dim, c.in_channels, bool(c.guidance_embeds))
 
+# %% ../nbs/14_plan.ipynb #bd1876bb
 def transformer_counts(spec: ModelSpec) -> TransformerCounts:
     "Parameter tallies of `spec`'s transformer, from the real class on the meta device (cached)."
     return _transformer_counts(spec.key)
@@ -173,6 +181,7 @@ class TextEncoderCounts:
     kv_heads: int  # key/value heads
     head_dim: int  # per-head width
 
+# %% ../nbs/14_plan.ipynb #43167121
 @functools.lru_cache(maxsize=32)
 def _text_counts(key: str) -> TextEncoderCounts:
     d = json.loads(key)
@@ -198,6 +207,7 @@ def _text_counts(key: str) -> TextEncoderCounts:
                              tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads,
                              getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
 
+# %% ../nbs/14_plan.ipynb #02043abc
 def text_encoder_counts(spec: ModelSpec) -> TextEncoderCounts:
     "Parameter tallies of `spec`'s text encoder, full and after the encoder diet (real classes on the meta device, cached)."
     return _text_counts(spec.key)
@@ -212,6 +222,7 @@ class VaeCounts:
     width: int  # channels of the first (full resolution) level
     latent_channels: int  # 32 for FLUX.2
 
+# %% ../nbs/14_plan.ipynb #b3737062
 @functools.lru_cache(maxsize=32)
 def _vae_counts(key: str) -> VaeCounts:
     from diffusers import AutoencoderKLFlux2
@@ -221,6 +232,7 @@ def _vae_counts(key: str) -> VaeCounts:
                      _tally(v.decoder) + opt("post_quant_conv") + opt("bn"), v.config.block_out_channels[0],
                      v.config.latent_channels)
 
+# %% ../nbs/14_plan.ipynb #a7efa6b6
 def vae_counts(spec: ModelSpec) -> VaeCounts:
     "Parameter tallies of `spec`'s VAE (real class on the meta device, cached)."
     return _vae_counts(spec.key)
@@ -232,6 +244,7 @@ class LoraCounts:
     trainable: int  # trainable parameters
     targets: tuple  # full names of the wrapped Linear modules
 
+# %% ../nbs/14_plan.ipynb #4fa25914
 @functools.lru_cache(maxsize=64)
 def _lora_counts(key: str, preset, rank: int, lora_type: str) -> LoraCounts:
     from diffusers import Flux2Transformer2DModel
@@ -241,6 +254,7 @@ def _lora_counts(key: str, preset, rank: int, lora_type: str) -> LoraCounts:
     except (ValueError, TypeError) as e: raise PlanError(f"flux_lora_target / lora_rank / lora_type: {e}") from None
     return LoraCounts(info.trainable_params, tuple(info.targets))
 
+# %% ../nbs/14_plan.ipynb #dd0f12b9
 def lora_counts(spec: ModelSpec, preset="all", rank: int = 16, lora_type: str = "lora") -> LoraCounts:
     "Trainable parameters and targets of `build_lora(transformer, preset, rank, lora_type=...)` on `spec` (cached)."
     return _lora_counts(spec.key, tuple(preset) if isinstance(preset, list) else preset, rank, lora_type)
@@ -252,6 +266,7 @@ assert set(QUANTO) == set(QUANTO_TYPES) and set(DTYPE_NAMES) <= set(DTYPE_BYTES)
 
 def _suggest(value, choices) -> str: return did_you_mean(value, choices, 0.6, " (", ")")
 
+# %% ../nbs/14_plan.ipynb #414d49c7
 def check_precision(precision: str, key: str = "base_model_precision") -> str:
     "`precision` if flux2_kit can load at it, else a `PlanError` naming `key`."
     if precision in PRECISIONS: return precision
@@ -260,6 +275,7 @@ def check_precision(precision: str, key: str = "base_model_precision") -> str:
         hint = " (flux2_kit quantises with optimum-quanto only: use 'int8-quanto', 'int4-quanto' or 'fp8-quanto')"
     raise PlanError(f"{key}={precision!r} is not one of {list(PRECISIONS)}{hint}")
 
+# %% ../nbs/14_plan.ipynb #8fb518c5
 def weight_bytes(t: Tally,  # parameter tally of the module
                  precision: str = "no_change",  # SimpleTuner precision name
                  default_dtype: str = "bf16",  # base_model_default_dtype: dtype of what is not quantised
@@ -272,6 +288,7 @@ def weight_bytes(t: Tally,  # parameter tally of the module
     scales = t.linear_rows * base if group is None else 2 * math.ceil(t.linear / group) * base
     return int(t.linear * per + scales + (t.params - t.linear) * base)
 
+# %% ../nbs/14_plan.ipynb #670c6d5d
 def compute_bytes(precision: str, default_dtype: str = "bf16") -> int:
     "Bytes per element the weights compute in (quanto dequantises to the default dtype)."
     return DTYPE_BYTES[precision] if precision in DTYPE_BYTES else DTYPE_BYTES[default_dtype]
@@ -345,6 +362,7 @@ def _side(res, rtype) -> int:
     side = math.sqrt(res * 1e6) if rtype == "area" or (res <= 16 and rtype != "pixel") else res  # "area": megapixels
     return int(side / 16 + 0.5) * 16
 
+# %% ../nbs/14_plan.ipynb #707d54d3
 def _parse_wh(value) -> int:
     "Largest square-equivalent side of a validation_resolution ('1024x768', '1024', '512,1024x1024')."
     best = 0
@@ -355,12 +373,14 @@ def _parse_wh(value) -> int:
     if not best: raise PlanError(f"validation_resolution={value!r} is not like '1024x1024'")
     return int(best / 16 + 0.5) * 16
 
+# %% ../nbs/14_plan.ipynb #9afe9b62
 def _datasets(config):
     ds = spec_get(config, "datasets") or []
     if not ds and isinstance(spec_get(config, "data_backend_config"), (str, Path)) and Path(spec_get(config, "data_backend_config")).is_file():
         ds = _read_json(spec_get(config, "data_backend_config"))
     return [d for d in ds if not (spec_get(d, "disabled", False) or spec_get(d, "disable", False))]
 
+# %% ../nbs/14_plan.ipynb #0633049a
 def _from_datasets(config, default_res, default_type):
     "(side, references, reference side) of the largest image dataset."
     ds = _datasets(config)
@@ -378,6 +398,7 @@ def _from_datasets(config, default_res, default_type):
     wb = [spec_get(d, "write_batch_size") for d in ds if spec_get(d, "dataset_type") == "text_embeds" and spec_get(d, "write_batch_size")]
     return (best[1:] if best else None), (max(wb) if wb else None)
 
+# %% ../nbs/14_plan.ipynb #2a83b168
 def resolve_settings(config=None,  # object or dict with SimpleTuner keys (None: SimpleTuner's defaults)
                      **overrides,  # PlanSettings fields (SimpleTuner key names) that replace the config's values
                     ) -> PlanSettings:
@@ -502,14 +523,17 @@ def _status():
     s = Path("/proc/self/status").read_text()
     return {k: int(re.search(rf"{k}:\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
+# %% ../nbs/14_plan.ipynb #98d94454
 def _settle():
     gc.collect()
     try: ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError: pass
     return _status()["VmRSS"]
 
+# %% ../nbs/14_plan.ipynb #f16b87b0
 def _reset_peak(): Path("/proc/self/clear_refs").write_text("5")
 
+# %% ../nbs/14_plan.ipynb #9e226279
 def _measure(kind: str, a: dict) -> dict:
     "Child side of `measure_peak` (runs in a fresh process)."
     import torch, contextlib
@@ -594,6 +618,7 @@ def _measure(kind: str, a: dict) -> dict:
     out["peak"] = _status()["VmHWM"] - r0
     return out
 
+# %% ../nbs/14_plan.ipynb #8ceb2bc5
 def measure_peak(kind: str = "train",  # "train" | "infer" | "text" | "vae_encode" | "vae_decode"
                  timeout: float = 900,  # seconds before the child is killed
                  **settings,  # PlanSettings-style keys: model ("flux2-small:dev"), base_model_precision, resolution, ...
@@ -624,6 +649,7 @@ def _targets_by_block(targets) -> dict:
         if m: out.setdefault(m.group(1), set()).add(m.group(2))
     return out
 
+# %% ../nbs/14_plan.ipynb #037802a9
 @dataclass
 class Activations:
     "Bytes a training step holds beyond weights and optimizer state."
@@ -636,6 +662,7 @@ class Activations:
     @property
     def total(self) -> int: return self.saved + self.recompute + self.transient + self.weight_copies
 
+# %% ../nbs/14_plan.ipynb #7e6eb662
 def transformer_activations(spec: ModelSpec, s: PlanSettings) -> Activations:
     "Activation bytes of one training step of `spec`'s transformer under settings `s` (per process)."
     tc, lc = transformer_counts(spec), lora_counts(spec, s.flux_lora_target, s.lora_rank, s.lora_type)
@@ -667,6 +694,7 @@ def transformer_activations(spec: ModelSpec, s: PlanSettings) -> Activations:
     return Activations(int(saved), int(recompute), int(TRANSIENT * biggest), int(lora_copies + base_copies),
                        (img + txt) // B)
 
+# %% ../nbs/14_plan.ipynb #bea57791
 def inference_activations(spec: ModelSpec, s: PlanSettings) -> int:
     "Peak activation bytes of a no-grad transformer forward at the preview size (`validation_resolution`, `validation_batch`)."
     tc = transformer_counts(spec)
@@ -674,6 +702,7 @@ def inference_activations(spec: ModelSpec, s: PlanSettings) -> int:
     tokens = s.validation_batch * ((s.validation_resolution // 16) ** 2 + s.tokenizer_max_length)
     return int(INFER_PER_TOKEN[s.mixed_precision in ("bf16", "fp16") or a < 4] * tokens * tc.dim * a)
 
+# %% ../nbs/14_plan.ipynb #d7b04fd5
 def text_activations(spec: ModelSpec, s: PlanSettings) -> int:
     "Peak activation bytes of encoding `write_batch_size` prompts with the dieted encoder (all hidden states kept)."
     te = text_encoder_counts(spec)
@@ -682,6 +711,7 @@ def text_activations(spec: ModelSpec, s: PlanSettings) -> int:
     kept = (te.depth + 1) * te.hidden  # transformers returns every hidden state (embeddings + each layer)
     return int(tokens * a * (kept + TEXT_TRANSIENT * (3 * te.intermediate + 4 * te.hidden)))
 
+# %% ../nbs/14_plan.ipynb #0c306097
 def vae_activations(spec: ModelSpec, s: PlanSettings, decode: bool = False, side: int | None = None, batch: int | None = None) -> int:
     "Peak activation bytes of a VAE encode (caching: `vae_batch_size` at `resolution`) or decode (a preview)."
     vc = vae_counts(spec)
@@ -715,6 +745,7 @@ class Phase:
     @property
     def host_total(self) -> int: return sum(self.host.values())
 
+# %% ../nbs/14_plan.ipynb #e17ec44e
 def _gb(b) -> str: return f"{b / GiB:.1f}"
 
 # %% ../nbs/14_plan.ipynb #45909ad0
@@ -792,6 +823,7 @@ def _te_weights(te, s, group_offload):
           (2 if s.group_offload_use_stream else 1) * s.group_offload_blocks_per_group * layer
     return min(dev, full), max(full - dev, 0)
 
+# %% ../nbs/14_plan.ipynb #c9e6cfe7
 def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
     tc, te, vc = transformer_counts(spec), text_encoder_counts(spec), vae_counts(spec)
     lc = lora_counts(spec, s.flux_lora_target, s.lora_rank, s.lora_type)
@@ -857,6 +889,7 @@ def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
               "VAE": vc.total.params, "LoRA": lc.trainable}
     return Plan(s, {"caching": caching, "training": training, "preview": preview}, gpu_memory, disk, counts, device)
 
+# %% ../nbs/14_plan.ipynb #b495c6cd
 def plan(config=None,  # object or dict with SimpleTuner keys (flux2_kit Config, a namespace, a dict); None: defaults
          gpus: int | None = None,  # processes, one GPU each (default: config's num_processes, else 1)
          strategy: str | None = None,  # "ddp" or "fsdp2" (default: "fsdp2" if config.fsdp_enable, else "ddp")
@@ -899,10 +932,13 @@ def _candidates(s: PlanSettings) -> list:
             c.append((f"shard over {n} GPUs with FSDP2", {"gpus": n, "strategy": "fsdp2", "enable_group_offload": False}))
     return c
 
+# %% ../nbs/14_plan.ipynb #843dc0ec
 def _fmt(overrides: dict) -> str: return ", ".join(f"{k}={v!r}" for k, v in overrides.items())
 
+# %% ../nbs/14_plan.ipynb #e0b33e4f
 def _overflow(p: Plan) -> int: return sum(max(0, ph.peak - p.gpu_memory) for ph in p.phases.values())
 
+# %% ../nbs/14_plan.ipynb #c0bac562
 def _advice(p: Plan) -> list:
     s, spec = p.settings, model_spec(p.settings.model)
     def trial(ov):

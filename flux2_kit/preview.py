@@ -51,12 +51,14 @@ def _embed(embeds, prompt, name, device, dtype):
     e = e if e.ndim == 3 else e.unsqueeze(0)
     return e.to(device=device, dtype=dtype)
 
+# %% ../nbs/09_preview.ipynb #3f852d64
 def _latents_to(dtype: torch.dtype):
     "A pipeline callback that hands the VAE the final latents in its own dtype (e.g. a bf16 transformer, an fp32 VAE)."
     def cb(pipe, i, t, kw):
         return {"latents": kw["latents"].to(dtype)} if i == getattr(pipe, "_num_timesteps", i + 1) - 1 else {}
     return cb
 
+# %% ../nbs/09_preview.ipynb #cb53bb9d
 def preview(pipe,  # from `validation_pipeline`
             prompts: Mapping[str, str],  # user_prompt_library: name -> prompt
             embeds: Mapping[str, torch.Tensor],  # prompt -> cached embeds (L, D) or (1, L, D)

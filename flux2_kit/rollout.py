@@ -175,6 +175,7 @@ class RolloutOutput(FlowOutput):
     forwards: int = 0  # extra transformer calls (no grad) this step made
     sample_forwards: int = 0  # extra single-sample forwards (sum of steps)
 
+# %% ../nbs/16_rollout.ipynb #8a1e8cdd
 def flow_match_loss_with_rollout(transformer: torch.nn.Module,  # Flux2Transformer2DModel (with LoRA; may be accelerate-wrapped)
                                  batch: dict,  # latents (B,128,h,w), prompt_embeds (B,L,D), optional ref_latents
                                  generator: torch.Generator,  # the dedicated generator

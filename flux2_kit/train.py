@@ -30,6 +30,7 @@ def make_accelerator(mixed_precision: str = "no",  # "no", "bf16" or "fp16" (fp1
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
                        cpu=cpu, **kwargs)
 
+# %% ../nbs/08_train.ipynb #3dd2e2f9
 def tracker_kwargs(cfg) -> dict:
     "`make_accelerator`'s `log_with` for the config's `report_to` trackers, with a clear error when one is not installed."
     names = cfg.trackers
@@ -70,6 +71,7 @@ def make_optimizer(params,  # an nn.Module (its trainable parameters are used) o
         return AdamWBF16(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)  # adamw_bf16 on fp32 weights (LoRA): the same
 
+# %% ../nbs/08_train.ipynb #708ce0f5
 def make_lr_scheduler(optimizer: torch.optim.Optimizer,  # the optimizer whose LR is scheduled
                       name: str = "constant",  # lr_scheduler: one of LR_SCHEDULERS
                       warmup_steps: int = 0,  # lr_warmup_steps, in optimizer updates
@@ -95,6 +97,7 @@ def stochastic_bf16(x: torch.Tensor,  # fp32 values
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
     return ((x.float().contiguous().view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
+# %% ../nbs/08_train.ipynb #df48b9e2
 class AdamWBF16(torch.optim.Optimizer):
     "AdamW for bf16 weights: fp32 arithmetic, bf16 weights and moments rounded stochastically; other dtypes are updated exactly like `torch.optim.AdamW`."
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
@@ -142,11 +145,13 @@ def to_device(batch: dict, device) -> dict:
     mv = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
     return {k: [mv(x) for x in v] if isinstance(v, (list, tuple)) else mv(v) for k, v in batch.items()}
 
+# %% ../nbs/08_train.ipynb #46fd4a27
 def _all_finite(accelerator, ok: bool) -> bool:
     "True when `ok` holds on every process (so all processes skip together and DDP never hangs)."
     bad = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
     return bool(accelerator.reduce(bad, reduction="sum").item() == 0)
 
+# %% ../nbs/08_train.ipynb #babcc840
 def prepare_training(accelerator, transformer, optimizer, lr_scheduler,
                      gradient_checkpointing: bool = False,  # recompute activations in backward to save memory
                     ) -> tuple:

@@ -19,15 +19,21 @@ __all__ = ['EVENTS', 'DEFAULT_CALLBACKS', 'OOM_ADVICE', 'CancelStepException', '
 
 # %% ../nbs/11_trainer.ipynb #6bc7b1eb
 class CancelStepException(Exception): "Raised in `before_step` to skip this micro-batch."
+
+# %% ../nbs/11_trainer.ipynb #928707b6
 class CancelEpochException(Exception): "Raised in a callback to end the current epoch early."
+
+# %% ../nbs/11_trainer.ipynb #7d18e2e9
 class CancelFitException(Exception): "Raised in a callback to end `fit` cleanly: the final checkpoint and export are written."
 
+# %% ../nbs/11_trainer.ipynb #8853f809
 class TrainingError(RuntimeError):
     "A training failure reported with the step, the files involved and advice (NaN loss, out of memory, ...)."
     def __init__(self, message: str, kind: str = "error", step: int | None = None, files=None, advice: str | None = None):
         self.kind, self.step, self.files, self.advice = kind, step, list(files or []), advice
         super().__init__(message + (f"\nadvice: {advice}" if advice else ""))
 
+# %% ../nbs/11_trainer.ipynb #96fa0a5a
 EVENTS = ("before_fit", "before_epoch", "before_step", "after_step", "after_epoch", "after_fit")
 
 class Callback:
@@ -103,17 +109,20 @@ def accelerator(self: Trainer):
                                              **tracker_kwargs(c))
     return self._accelerator
 
+# %% ../nbs/11_trainer.ipynb #4598ef38
 @patch(as_prop=True)
 def is_main(self: Trainer) -> bool:
     "True on the process that writes the run directory (rank 0)."
     return self.accelerator.is_main_process  # the accelerator first: a bare PartialState() would miss gloo on CPU
 
+# %% ../nbs/11_trainer.ipynb #b2c69012
 @patch(as_prop=True)
 def rundir(self: Trainer) -> RunDir:
     "The run directory (`output_dir`); only rank 0 writes."
     if self._rundir is None: self._rundir = RunDir(self.cfg.output_dir, is_main=self.is_main)
     return self._rundir
 
+# %% ../nbs/11_trainer.ipynb #2c540131
 @patch(as_prop=True)
 def strategy(self: Trainer) -> str:
     "How several processes share the transformer: 'ddp', or 'fsdp2' (the argument, else `fsdp_enable` with >1 process)."
@@ -199,6 +208,7 @@ def _share(self: Trainer, fn):
     if out[0] == "error": raise out[1]
     return out[1]
 
+# %% ../nbs/11_trainer.ipynb #28191168
 @patch
 def check(self: Trainer,
           resume=_CONFIG,  # resume_from_checkpoint for this run (default: the config's)
@@ -228,6 +238,7 @@ def check(self: Trainer,
     if self.progress and self.is_main: print(f"flux2-kit check, before loading anything:\n{rep}", flush=True)
     return rep
 
+# %% ../nbs/11_trainer.ipynb #27f01e51
 def _log_data(self: Trainer, rep):
     "The data scan in events.jsonl (bucket table, skipped files) and the check's problems, for the panels."
     rows = [dict(dataset=k, **r) for k, t in self.tables.items() for r in t.rows(max_paths=4)]
@@ -245,6 +256,7 @@ def prepare_data(self: Trainer):
     if self.tables is None: self.check()
     return self.tables
 
+# %% ../nbs/11_trainer.ipynb #4a00bfe2
 @patch
 def load_encoders(self: Trainer):
     "Load the text encoder (only the layers FLUX.2 reads) and the VAE, at the configured precision."
@@ -280,6 +292,7 @@ def prompts_to_cache(self: Trainer) -> list:
     if self.cfg.validation_negative_prompt: out[self.cfg.validation_negative_prompt] = None
     return list(out)
 
+# %% ../nbs/11_trainer.ipynb #8d851820
 @patch(as_prop=True)
 def validation_prompts(self: Trainer) -> dict:
     "name -> prompt for previews: the user prompt library, else `validation_prompt`, else the first two captions."
@@ -290,6 +303,7 @@ def validation_prompts(self: Trainer) -> dict:
     items = [it for t in (self.tables or {}).values() for it in t.items if it.captions][:2]
     return {f"caption_{i}": it.captions[0] for i, it in enumerate(items)}
 
+# %% ../nbs/11_trainer.ipynb #f10a43b1
 def _latent_request(x):
     "The cache's request for an Item: its file, or (an image stored inside a `datasets` table) its row's bytes."
     import functools
@@ -365,6 +379,7 @@ def flow_settings(self: Trainer):
                         guidance_mode=c.flux_guidance_mode, guidance_value=c.flux_guidance_value,
                         guidance_min=c.flux_guidance_min, guidance_max=c.flux_guidance_max)
 
+# %% ../nbs/11_trainer.ipynb #894ea7d8
 @patch
 def build_lora(self: Trainer):
     "Load the transformer, add the LoRA, make optimizer + LR schedule, `accelerator.prepare` them; returns `LoraInfo`."
@@ -407,6 +422,7 @@ def build_lora(self: Trainer):
                                                                               c.gradient_checkpointing)
     return self.lora_info
 
+# %% ../nbs/11_trainer.ipynb #a47a0ea7
 @patch(as_prop=True)
 def rollout_settings(self: Trainer):
     "Scheduled sampling from the `scheduled_sampling_*` keys, or None when it is off (the default)."
@@ -414,11 +430,13 @@ def rollout_settings(self: Trainer):
     rs = RolloutSettings.from_config(self.cfg)
     return rs if rollout_enabled(rs) else None
 
+# %% ../nbs/11_trainer.ipynb #883237ea
 @patch(as_prop=True)
 def updates_per_epoch(self: Trainer) -> int:
     "Optimizer updates in one epoch on this process."
     return max(1, len(self.data_sampler) // self.cfg.gradient_accumulation_steps)
 
+# %% ../nbs/11_trainer.ipynb #7a60ff52
 @patch(as_prop=True)
 def max_steps(self: Trainer) -> int:
     "`max_train_steps`, or `num_train_epochs` x updates per epoch when it is 0."
@@ -464,6 +482,7 @@ class MixedSampler:
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         return self
 
+# %% ../nbs/11_trainer.ipynb #3800bc60
 @patch(as_prop=True)
 def data_sampler(self: Trainer) -> MixedSampler:
     "The run's batch sampler (made on first use; sharded over processes)."
@@ -506,6 +525,7 @@ def begin(self: Trainer):
     self._begun, self.status = True, "running"  # first: a before_fit callback may call back in (PreviewCB -> preview)
     run_callbacks(self.callbacks, "before_fit", self)
 
+# %% ../nbs/11_trainer.ipynb #4ecf5bd6
 @patch
 def _train_epoch(self: Trainer, max_steps: int | None = None):
     "Train until the end of the current epoch (or `max_steps` updates in total); returns this epoch's step results."
@@ -608,6 +628,7 @@ def preview(self: Trainer,
                                   seconds=round(time.perf_counter() - t0, 3))
     return images
 
+# %% ../nbs/11_trainer.ipynb #13789776
 def _renderer(self: Trainer, pipe=None, steps=None, negative=True):
     "`render(guidance, use_lora=True, scale=1.0) -> {prompt name: image}` with the run's validation settings."
     from flux2_kit.preview import preview, validation_pipeline
@@ -619,6 +640,7 @@ def _renderer(self: Trainer, pipe=None, steps=None, negative=True):
     return lambda g, use_lora=True, scale=1.0: preview(pipe, self.validation_prompts, self.text_cache, guidance=g,
                                                        use_lora=use_lora, lora_scale=scale, **kw)
 
+# %% ../nbs/11_trainer.ipynb #060908fb
 def _scheduler(self: Trainer):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from flux2_kit.models import resolve_model_path
@@ -655,6 +677,7 @@ def _second_model(self: Trainer):
     set_peft_model_state_dict(tr, lora_state_dict(self.transformer), adapter_name=adapter_name_of(tr))  # this step's LoRA
     return self._second
 
+# %% ../nbs/11_trainer.ipynb #6dd4d068
 def _second_model_rows(self: Trainer, images: dict) -> list:
     "Grid rows (and files) of the LoRA on `validation_model`: its base row once per run, and this step's."
     m = _second_model(self)
@@ -680,6 +703,7 @@ def resume_meta(self: Trainer) -> dict:
                 lora_alpha=float(c.effective_lora_alpha), lora_targets=list(self.lora_info.targets) if self.lora_info else [],
                 lora_type=c.lora_type, config_hash=stable_hash(c.to_dict()), run_id=self.claim.run_id)
 
+# %% ../nbs/11_trainer.ipynb #bbbb7f96
 @patch
 def save(self: Trainer) -> Path | None:
     "Write a checkpoint of the current step (rank 0), then prune this run's checkpoints to `checkpoints_total_limit`; returns its folder."
@@ -894,6 +918,7 @@ class TrackerCB(Callback):
     def after_fit(self, t):
         if t.cfg.trackers: t.accelerator.end_training()
 
+# %% ../nbs/11_trainer.ipynb #57b30a53
 def _flat(d: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in d.items() if v is not None}
 
@@ -908,6 +933,7 @@ def _is_oom(e: BaseException) -> bool:
     import torch
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
+# %% ../nbs/11_trainer.ipynb #ada8485d
 @patch
 def _fail(self: Trainer, e: BaseException) -> BaseException:
     "The one error path: mark the run 'error' and log `e` (out of memory becomes a `TrainingError` with advice); returns what to raise."
@@ -976,6 +1002,7 @@ def finish(self: Trainer,
     _end(self, status, cleanup if status == "error" else [])
     return res
 
+# %% ../nbs/11_trainer.ipynb #09f64a8a
 def _end(self: Trainer, status: str, cleanup: list):
     "Close the run: the cleanup callbacks (each guarded: their errors are logged, never raised over the original), run_end, the lock."
     for cb in sorted(cleanup, key=lambda c: c.order):

@@ -23,8 +23,10 @@ class TreadRoute:
     start_layer_idx: int  # first block of the span over [double..., single...]; negative counts from the end
     end_layer_idx: int  # last block of the span (inclusive); negative counts from the end
 
+# %% ../nbs/13_tread.ipynb #65dd1a61
 def _route_error(where, msg): return ValueError(f"tread_config.{where}: {msg}")
 
+# %% ../nbs/13_tread.ipynb #4fdf437f
 def _check_route(r, where: str) -> TreadRoute:
     if isinstance(r, TreadRoute): r = asdict(r)
     if not isinstance(r, dict):
@@ -43,6 +45,7 @@ def _check_route(r, where: str) -> TreadRoute:
             raise _route_error(f"{where}.{k}", f"{r[k]!r} must be an integer block index (negative counts from the end)")
     return TreadRoute(float(ratio), r["start_layer_idx"], r["end_layer_idx"])
 
+# %% ../nbs/13_tread.ipynb #fff5e803
 def parse_tread_config(tread_config,  # `{"routes": [...]}` (SimpleTuner's `tread_config`), a list of routes, or None
                       ) -> list[TreadRoute]:
     "Validate a `tread_config` and return its routes (an empty list for `None`)."
@@ -129,6 +132,7 @@ def _batched_rope(orig):
     apply_rotary_emb._flux2_kit_batched = True
     return apply_rotary_emb
 
+# %% ../nbs/13_tread.ipynb #0577e9dd
 def _install_batched_rope():
     "Point `transformer_flux2.apply_rotary_emb` at the batched wrapper (idempotent)."
     from diffusers.models.transformers import transformer_flux2 as tf
@@ -161,8 +165,11 @@ class TreadRouter:
 
 # %% ../nbs/13_tread.ipynb #dc232573
 def _take(x, idx): return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+# %% ../nbs/13_tread.ipynb #114f9c6d
 def _put(full, idx, part): return full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), part)
 
+# %% ../nbs/13_tread.ipynb #50591fe0
 def _route_rope(rope, n_txt, kept):
     "Per-sample rotary rows `(B, n_txt + K, D)` for the sequence [text, kept image tokens]."
     idx = torch.cat([torch.arange(n_txt, device=kept.device).expand(kept.shape[0], -1), kept + n_txt], dim=1)
@@ -262,6 +269,7 @@ def _dispatch(self, hidden_states, encoder_hidden_states=None, timestep=None, im
     return router._orig_forward(**kw, kv_cache=kv_cache, kv_cache_mode=kv_cache_mode,
                                 num_ref_tokens=num_ref_tokens, ref_fixed_timestep=ref_fixed_timestep)
 
+# %% ../nbs/13_tread.ipynb #d61365d8
 @patch
 def _install(self: TreadRouter):
     "Replace `transformer.forward` on this instance by the routing forward."
@@ -282,6 +290,7 @@ def _install(self: TreadRouter):
     t._tread_router, t.forward = self, self._method
     self._installed = True
 
+# %% ../nbs/13_tread.ipynb #11fde3a5
 @patch
 def remove(self: TreadRouter):
     "Put the transformer's original `forward` back (idempotent); if something wrapped it since, only switch routing off."
@@ -298,9 +307,11 @@ def remove(self: TreadRouter):
     del t._tread_router
     self._installed = False
 
+# %% ../nbs/13_tread.ipynb #23d409cd
 @patch
 def __enter__(self: TreadRouter): return self
 
+# %% ../nbs/13_tread.ipynb #50a3f425
 @patch
 def __exit__(self: TreadRouter, *exc): self.remove()
 
@@ -317,6 +328,7 @@ def enable_tread(transformer,  # a diffusers `Flux2Transformer2DModel` (optional
     router._install()
     return router
 
+# %% ../nbs/13_tread.ipynb #06c21287
 def disable_tread(transformer, # a transformer on which `enable_tread` was called
                  ) -> None:
     "Remove TREAD routing from `transformer` if it is installed."
