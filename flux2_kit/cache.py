@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from fastcore.basics import patch
 from .runlog import atomic_write_bytes, clean_orphan_tmp, sha256_file
 
 # %% auto #0
@@ -77,108 +78,122 @@ class ShardStore:
 
     def _empty(self): return dict(version=FORMAT_VERSION, kind=self.kind, shards={}, entries={})
 
-    def _read_index(self) -> dict:
-        p = self.root / self.index_name
-        if not p.exists(): return self._empty()
-        text = ""
-        try:
-            text = p.read_text(errors="replace")
-            idx = json.loads(text)
-            assert isinstance(idx, dict) and isinstance(idx.get("shards"), dict) and isinstance(idx.get("entries"), dict)
-        except (ValueError, OSError, AssertionError, AttributeError):
-            ours = text.startswith('{\n"entries"') or any(self.root.glob(f"{self.kind}-*.safetensors"))  # our layout, or our shards
-            if not ours:
-                raise CacheError(f"{p} is not a flux2_kit cache index, and {self.root} holds no flux2_kit cache: flux2_kit "
-                                 "never overwrites files it does not own; give this dataset a cache folder of its own "
-                                 "(cache_dir / cache_dir_vae), or move the file away") from None
-            warnings.warn(f"{p} is unreadable: starting an empty index (entries will be encoded again)")
-            return self._empty()
-        if idx.get("kind") != self.kind:
-            raise CacheError(f"{self.root} holds a {idx.get('kind')!r} cache, not {self.kind!r}: give each its own "
-                             f"cache_dir (text embeds: `cache_dir`, latents: `cache_dir_vae`)")
-        if idx.get("version") != FORMAT_VERSION:
-            warnings.warn(f"{p} has cache format {idx.get('version')}, this flux2_kit writes {FORMAT_VERSION}: re-encoding")
-            return self._empty()
-        return idx
-
     def _write_index(self):
         atomic_write_bytes(self.root / self.index_name, json.dumps(self.index, indent=0, sort_keys=True).encode())
-
-    def shard_ok(self, shard: str) -> bool:
-        "Is `shard` present, of the recorded size and sha256 (or just size with verify='header'), and loadable?"
-        if shard not in self._checked:  # checked once per store
-            from safetensors import safe_open
-            meta, p = self.index["shards"].get(shard), self.root / shard
-            ok = bool(meta) and p.is_file() and p.stat().st_size == meta["bytes"]
-            if ok and self.verify == "sha256": ok = sha256_file(p) == meta["sha256"]
-            if ok:
-                try:
-                    with safe_open(str(p), "pt") as f: ok = set(meta.get("keys", [])) <= set(f.keys())
-                except Exception: ok = False
-            self._checked[shard] = ok
-        return self._checked[shard]
-
-    def drop_shard(self, shard: str):
-        "Forget `shard` and its entries, and delete the file."
-        self.index["entries"] = {k: s for k, s in self.index["entries"].items() if s != shard}
-        self.index["shards"].pop(shard, None)
-        self._handles.pop(shard, None)
-        (self.root / shard).unlink(missing_ok=True)
-        self._write_index()
-
-    def lookup(self, keys,
-               drop: bool = True,  # delete corrupt shards (False on the ranks that must not write the index)
-              ) -> tuple[set, int]:
-        "`(keys found in valid shards, number of corrupt shards found)`; corrupt shards are dropped when `drop`."
-        found, bad = set(), set()
-        for k in keys:
-            shard = self.index["entries"].get(k)
-            if shard is None: continue
-            if self.shard_ok(shard): found.add(k)
-            else: bad.add(shard)
-        if drop:
-            for shard in bad: self.drop_shard(shard)
-        return found, len(bad)
-
-    def merge(self, other: "ShardStore"):
-        "Add the shards and entries of `other` (a staging index over shards in this folder) to this index (not written)."
-        if other.root.resolve() != self.root.resolve() or other.kind != self.kind:
-            raise ValueError(f"cannot merge the {other.kind!r} store at {other.root} into the {self.kind!r} one at {self.root}")
-        self.index["shards"].update(other.index["shards"])
-        self.index["entries"].update(other.index["entries"])
-        self._checked.update(other._checked)
-
-    def put(self, tensors: dict, metadata: dict | None = None) -> str:
-        "Write `tensors` (key -> Tensor) as one new shard, then record it in the index. Returns the shard name."
-        from safetensors.torch import save
-        data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                    metadata={k: str(v) for k, v in (metadata or {}).items()})
-        sha = hashlib.sha256(data).hexdigest()
-        name = f"{self.kind}-{sha[:24]}.safetensors"  # content-addressed
-        atomic_write_bytes(self.root / name, data)
-        self.index["shards"][name] = dict(sha256=sha, bytes=len(data), keys=sorted(tensors))
-        for k in tensors: self.index["entries"][k] = name
-        self._checked[name] = True
-        self._write_index()  # after every shard: an interrupted run keeps each batch it finished
-        return name
-
-    def get(self, key: str) -> torch.Tensor:
-        "The tensor stored under `key` (shards are opened lazily and memory-mapped)."
-        from safetensors import safe_open
-        shard = self.index["entries"].get(key)
-        if shard is None: raise KeyError(f"{key} is not in the {self.kind} cache at {self.root}")
-        if shard not in self._handles:
-            if len(self._handles) >= 16: self._handles.pop(next(iter(self._handles)))
-            try: self._handles[shard] = safe_open(str(self.root / shard), "pt")
-            except Exception as e:
-                raise RuntimeError(f"cache shard {self.root / shard} cannot be read ({e}): run the caching step "
-                                   f"again, it re-encodes corrupt shards") from e
-        return self._handles[shard].get_tensor(key)
 
     def __getstate__(self):  # picklable for DataLoader workers: handles are reopened there
         d = self.__dict__.copy(); d["_handles"] = {}; return d
 
     def __len__(self): return len(self.index["entries"])
+
+# %% ../nbs/05_cache.ipynb #5de6a6e5
+@patch
+def _read_index(self: ShardStore) -> dict:
+    p = self.root / self.index_name
+    if not p.exists(): return self._empty()
+    text = ""
+    try:
+        text = p.read_text(errors="replace")
+        idx = json.loads(text)
+        assert isinstance(idx, dict) and isinstance(idx.get("shards"), dict) and isinstance(idx.get("entries"), dict)
+    except (ValueError, OSError, AssertionError, AttributeError):
+        ours = text.startswith('{\n"entries"') or any(self.root.glob(f"{self.kind}-*.safetensors"))  # our layout, or our shards
+        if not ours:
+            raise CacheError(f"{p} is not a flux2_kit cache index, and {self.root} holds no flux2_kit cache: flux2_kit "
+                             "never overwrites files it does not own; give this dataset a cache folder of its own "
+                             "(cache_dir / cache_dir_vae), or move the file away") from None
+        warnings.warn(f"{p} is unreadable: starting an empty index (entries will be encoded again)")
+        return self._empty()
+    if idx.get("kind") != self.kind:
+        raise CacheError(f"{self.root} holds a {idx.get('kind')!r} cache, not {self.kind!r}: give each its own "
+                         f"cache_dir (text embeds: `cache_dir`, latents: `cache_dir_vae`)")
+    if idx.get("version") != FORMAT_VERSION:
+        warnings.warn(f"{p} has cache format {idx.get('version')}, this flux2_kit writes {FORMAT_VERSION}: re-encoding")
+        return self._empty()
+    return idx
+
+# %% ../nbs/05_cache.ipynb #2a7ae3bd
+@patch
+def shard_ok(self: ShardStore, shard: str) -> bool:
+    "Is `shard` present, of the recorded size and sha256 (or just size with verify='header'), and loadable?"
+    if shard not in self._checked:  # checked once per store
+        from safetensors import safe_open
+        meta, p = self.index["shards"].get(shard), self.root / shard
+        ok = bool(meta) and p.is_file() and p.stat().st_size == meta["bytes"]
+        if ok and self.verify == "sha256": ok = sha256_file(p) == meta["sha256"]
+        if ok:
+            try:
+                with safe_open(str(p), "pt") as f: ok = set(meta.get("keys", [])) <= set(f.keys())
+            except Exception: ok = False
+        self._checked[shard] = ok
+    return self._checked[shard]
+
+# %% ../nbs/05_cache.ipynb #f47e8149
+@patch
+def drop_shard(self: ShardStore, shard: str):
+    "Forget `shard` and its entries, and delete the file."
+    self.index["entries"] = {k: s for k, s in self.index["entries"].items() if s != shard}
+    self.index["shards"].pop(shard, None)
+    self._handles.pop(shard, None)
+    (self.root / shard).unlink(missing_ok=True)
+    self._write_index()
+
+# %% ../nbs/05_cache.ipynb #e8043040
+@patch
+def lookup(self: ShardStore, keys,
+           drop: bool = True,  # delete corrupt shards (False on the ranks that must not write the index)
+          ) -> tuple[set, int]:
+    "`(keys found in valid shards, number of corrupt shards found)`; corrupt shards are dropped when `drop`."
+    found, bad = set(), set()
+    for k in keys:
+        shard = self.index["entries"].get(k)
+        if shard is None: continue
+        if self.shard_ok(shard): found.add(k)
+        else: bad.add(shard)
+    if drop:
+        for shard in bad: self.drop_shard(shard)
+    return found, len(bad)
+
+# %% ../nbs/05_cache.ipynb #42be38e5
+@patch
+def merge(self: ShardStore, other: "ShardStore"):
+    "Add the shards and entries of `other` (a staging index over shards in this folder) to this index (not written)."
+    if other.root.resolve() != self.root.resolve() or other.kind != self.kind:
+        raise ValueError(f"cannot merge the {other.kind!r} store at {other.root} into the {self.kind!r} one at {self.root}")
+    self.index["shards"].update(other.index["shards"])
+    self.index["entries"].update(other.index["entries"])
+    self._checked.update(other._checked)
+
+# %% ../nbs/05_cache.ipynb #ba4dde8b
+@patch
+def put(self: ShardStore, tensors: dict, metadata: dict | None = None) -> str:
+    "Write `tensors` (key -> Tensor) as one new shard, then record it in the index. Returns the shard name."
+    from safetensors.torch import save
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    sha = hashlib.sha256(data).hexdigest()
+    name = f"{self.kind}-{sha[:24]}.safetensors"  # content-addressed
+    atomic_write_bytes(self.root / name, data)
+    self.index["shards"][name] = dict(sha256=sha, bytes=len(data), keys=sorted(tensors))
+    for k in tensors: self.index["entries"][k] = name
+    self._checked[name] = True
+    self._write_index()  # after every shard: an interrupted run keeps each batch it finished
+    return name
+
+# %% ../nbs/05_cache.ipynb #1a500892
+@patch
+def get(self: ShardStore, key: str) -> torch.Tensor:
+    "The tensor stored under `key` (shards are opened lazily and memory-mapped)."
+    from safetensors import safe_open
+    shard = self.index["entries"].get(key)
+    if shard is None: raise KeyError(f"{key} is not in the {self.kind} cache at {self.root}")
+    if shard not in self._handles:
+        if len(self._handles) >= 16: self._handles.pop(next(iter(self._handles)))
+        try: self._handles[shard] = safe_open(str(self.root / shard), "pt")
+        except Exception as e:
+            raise RuntimeError(f"cache shard {self.root / shard} cannot be read ({e}): run the caching step "
+                               f"again, it re-encodes corrupt shards") from e
+    return self._handles[shard].get_tensor(key)
 
 # %% ../nbs/05_cache.ipynb #94bf5cf8
 def _dist(dist) -> tuple:
@@ -449,29 +464,9 @@ def _vae_multiple(vae) -> int:
     "Pixels per latent token side: VAE downsampling x 2 (patchify)."
     return 2 ** (len(vae.config.block_out_channels) - 1) * 2
 
-# %% ../nbs/05_cache.ipynb #578cc035
-def cache_latents(vae,  # AutoencoderKLFlux2 (from `load_vae`)
-                  items: Sequence,  # LatentRequests, (path, crop_box, target_size) tuples, or objects with those attributes
-                  cache_dir: str | Path,  # the dataset's `cache_dir_vae`
-                  vae_batch_size: int = 4,  # images per VAE forward (same target size only)
-                  write_batch_size: int = 64,  # latents per shard
-                  loader: Callable | None = None,  # path -> PIL RGB image; default `load_rgb`
-                  identity: str | None = None,  # VAE identity for the keys; default `vae_identity(vae)`
-                  progress: bool = True,  # tqdm progress bar over the batches to encode
-                  verify: str = "sha256",  # shard check: "sha256" or "header"
-                  dist=None,  # several processes: an Accelerator / PartialState; each rank encodes its share
-                 ) -> LatentCache:
-    "Encode the images not yet in `cache_dir`, grouped by target size, `vae_batch_size` at a time; return the cache."
-    from tqdm.auto import tqdm
-    t0 = time.time()
-    _check_batch_size("vae_batch_size", vae_batch_size); _check_batch_size("write_batch_size", write_batch_size)
-    reqs = [as_request(i) for i in items]
-    m = _vae_multiple(vae)
-    for r in reqs:
-        if r.target_size[0] % m or r.target_size[1] % m:
-            raise ValueError(f"{r.path}: target_size={r.target_size} must be multiples of {m} for this VAE")
-    vid, lid = identity or vae_identity(vae), loader_id(loader)
-    stats = CacheStats("latents", len(reqs))
+# %% ../nbs/05_cache.ipynb #1275f50f
+def _latent_keys(reqs: list, vid: str, lid: str, stats) -> dict:
+    "request -> cache key; a request whose bytes cannot be read (a missing file) is reported in `stats.failed` instead."
     shas, keys = {}, {}
     for r in dict.fromkeys(reqs):
         try:
@@ -479,17 +474,12 @@ def cache_latents(vae,  # AutoencoderKLFlux2 (from `load_vae`)
         except Exception as e:  # a missing file, an in-memory image without bytes: reported, the pass goes on
             stats.failed.append((r.path, str(e))); continue
         keys[r] = latent_key(r, shas[r.path], vid, lid)
-    rank, n, _ = _dist(dist)
-    stats.rank, stats.world_size = rank, n
-    store = ShardStore(cache_dir, "latents", verify)
-    found, stats.corrupt_shards = store.lookup(set(keys.values()), drop=rank == 0)
-    todo, seen = [], set(found)
-    for r, k in keys.items():
-        if k not in seen: todo.append(r); seen.add(k)
-    stats.unique, stats.misses = len(set(keys.values())), len(todo)
-    stats.hits = stats.unique - stats.misses
-    read_failed = list(stats.failed)
+    return keys
 
+# %% ../nbs/05_cache.ipynb #2597c1c7
+def _latent_encoder(vae, keys: dict, vid: str, vae_batch_size: int, write_batch_size: int, loader, progress: bool, stats):
+    "`encode(store, requests) -> failures`: one rank's share, by target size, `vae_batch_size` at a time, a shard per `write_batch_size`."
+    from tqdm.auto import tqdm
     def encode(st: ShardStore, mine: list) -> list:
         by_size, pending, bad = defaultdict(list), {}, []
         for r in mine: by_size[r.target_size].append(r)
@@ -510,6 +500,43 @@ def cache_latents(vae,  # AutoencoderKLFlux2 (from `load_vae`)
             if len(pending) >= write_batch_size: flush()
         flush()
         return bad
+    return encode
+
+# %% ../nbs/05_cache.ipynb #578cc035
+def cache_latents(vae,  # AutoencoderKLFlux2 (from `load_vae`)
+                  items: Sequence,  # LatentRequests, (path, crop_box, target_size) tuples, or objects with those attributes
+                  cache_dir: str | Path,  # the dataset's `cache_dir_vae`
+                  vae_batch_size: int = 4,  # images per VAE forward (same target size only)
+                  write_batch_size: int = 64,  # latents per shard
+                  loader: Callable | None = None,  # path -> PIL RGB image; default `load_rgb`
+                  identity: str | None = None,  # VAE identity for the keys; default `vae_identity(vae)`
+                  progress: bool = True,  # tqdm progress bar over the batches to encode
+                  verify: str = "sha256",  # shard check: "sha256" or "header"
+                  dist=None,  # several processes: an Accelerator / PartialState; each rank encodes its share
+                 ) -> LatentCache:
+    "Encode the images not yet in `cache_dir`, grouped by target size, `vae_batch_size` at a time; return the cache."
+    t0 = time.time()
+    _check_batch_size("vae_batch_size", vae_batch_size); _check_batch_size("write_batch_size", write_batch_size)
+    reqs = [as_request(i) for i in items]
+    m = _vae_multiple(vae)
+    for r in reqs:
+        if r.target_size[0] % m or r.target_size[1] % m:
+            raise ValueError(f"{r.path}: target_size={r.target_size} must be multiples of {m} for this VAE")
+    vid, lid = identity or vae_identity(vae), loader_id(loader)
+    stats = CacheStats("latents", len(reqs))
+    keys = _latent_keys(reqs, vid, lid, stats)
+    rank, n, _ = _dist(dist)
+    stats.rank, stats.world_size = rank, n
+    store = ShardStore(cache_dir, "latents", verify)
+    found, stats.corrupt_shards = store.lookup(set(keys.values()), drop=rank == 0)
+    todo, seen = [], set(found)
+    for r, k in keys.items():
+        if k not in seen: todo.append(r); seen.add(k)
+    stats.unique, stats.misses = len(set(keys.values())), len(todo)
+    stats.hits = stats.unique - stats.misses
+    read_failed = list(stats.failed)
+
+    encode = _latent_encoder(vae, keys, vid, vae_batch_size, write_batch_size, loader, progress, stats)
     store, stats.misses_per_rank, enc_failed = _sharded_pass(store, todo, keys.get, encode, dist)
     stats.failed = read_failed + enc_failed
     failed = {p for p, _ in stats.failed}
