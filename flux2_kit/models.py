@@ -278,6 +278,52 @@ def _template_id(family: str, tokenizer, system_message) -> str:
     blob = json.dumps([conv, tokenizer.chat_template, system_message], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+# %% ../nbs/03_models.ipynb #0437ffd6
+def _text_config(src, subfolder: str, revision, family: str, flavour: str, layers: tuple) -> tuple:
+    "`(config, text config, depth)` of the checkpoint's text encoder, checked against the flavour and the layers read."
+    from transformers import AutoConfig
+    try: config = AutoConfig.from_pretrained(src, subfolder=subfolder, revision=revision)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot read the text encoder config from {src!r} (subfolder {subfolder!r}): {e}\n"
+                      f"Pass a folder in the diffusers layout, a hub id, or 'flux2-tiny:{family}'.") from e
+    model_type = _text_parts(family)[0]
+    if config.model_type != model_type:
+        other = "klein-4b/klein-9b" if config.model_type == "qwen3" else "dev"
+        raise ValueError(f"model_flavour={flavour!r} needs a {model_type} text encoder but {src}/{subfolder} holds "
+                         f"{config.model_type!r}: set model_flavour to {other} or point at the right checkpoint")
+    text_cfg = getattr(config, "text_config", config)
+    full_depth = text_cfg.num_hidden_layers
+    if max(layers) > full_depth:
+        raise ValueError(f"layers={layers}: the text encoder in {src} has {full_depth} layers, so hidden states "
+                         f"0..{full_depth} exist; FLUX.2 {family} reads {TEXT_LAYERS[family]}")
+    return config, text_cfg, full_depth
+
+# %% ../nbs/03_models.ipynb #40541ff2
+def _load_text_model(src, subfolder: str, revision, family: str, layers: tuple, text_cfg, full_depth: int, dtype,
+                     diet: bool, notes: list) -> tuple:
+    "`(model, depth)`: with the diet, the bare decoder truncated after the last layer read (no vision tower, no LM head)."
+    model_type, full_cls, bare_cls, key_mapping = _text_parts(family)
+    with _quiet_transformers():
+        if diet:
+            depth = max(layers)
+            tc = _truncated_config(text_cfg, depth)
+            model, info = bare_cls.from_pretrained(src, subfolder=subfolder, revision=revision, config=tc,
+                                                   key_mapping=key_mapping, dtype=dtype, output_loading_info=True)
+            if info["missing_keys"]:
+                raise ValueError(f"the text encoder checkpoint in {src}/{subfolder} lacks "
+                                 f"{sorted(info['missing_keys'])[:5]}...: not a {full_cls.__name__} checkpoint?")
+            if depth < full_depth:
+                model.norm = torch.nn.Identity()  # hidden_states[depth] must stay the raw layer output, as in the full model
+                notes.append(f"encoder diet: {bare_cls.__name__} with layers 0..{depth - 1} of {full_depth}, final "
+                             f"norm{', vision tower, projector' if family == 'dev' else ''} and LM head not loaded")
+            else:
+                notes.append(f"encoder diet: layer {depth} is the last, final norm kept; LM head"
+                             f"{', vision tower' if family == 'dev' else ''} not loaded")
+        else:
+            model = full_cls.from_pretrained(src, subfolder=subfolder, revision=revision, dtype=dtype)
+            depth = full_depth
+    return model, depth
+
 # %% ../nbs/03_models.ipynb #59a60194
 def load_text_encoder(path: Any,  # local folder, hub id, "flux2-tiny:dev", or a config object (see `load_text_encoder_from_config`)
                       flavour: str = "dev",  # model_flavour: "dev" (Mistral3) or "klein"/"klein-4b"/"klein-9b" (Qwen3)
@@ -310,41 +356,10 @@ def load_text_encoder(path: Any,  # local folder, hub id, "flux2-tiny:dev", or a
     dtype, qtype = parse_precision(precision, default_dtype, key="text_encoder_1_precision")
     dev = _device(device)
     src = resolve_model_path(path)
-    from transformers import AutoConfig
-    try: config = AutoConfig.from_pretrained(src, subfolder=subfolder, revision=revision)
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read the text encoder config from {src!r} (subfolder {subfolder!r}): {e}\n"
-                      f"Pass a folder in the diffusers layout, a hub id, or 'flux2-tiny:{family}'.") from e
+    config, text_cfg, full_depth = _text_config(src, subfolder, revision, family, flavour, layers)
     model_type, full_cls, bare_cls, key_mapping = _text_parts(family)
-    if config.model_type != model_type:
-        other = "klein-4b/klein-9b" if config.model_type == "qwen3" else "dev"
-        raise ValueError(f"model_flavour={flavour!r} needs a {model_type} text encoder but {src}/{subfolder} holds "
-                         f"{config.model_type!r}: set model_flavour to {other} or point at the right checkpoint")
-    text_cfg = getattr(config, "text_config", config)
-    full_depth = text_cfg.num_hidden_layers
-    if max(layers) > full_depth:
-        raise ValueError(f"layers={layers}: the text encoder in {src} has {full_depth} layers, so hidden states "
-                         f"0..{full_depth} exist; FLUX.2 {family} reads {TEXT_LAYERS[family]}")
     notes = []
-    with _quiet_transformers():
-        if diet:
-            depth = max(layers)
-            tc = _truncated_config(text_cfg, depth)
-            model, info = bare_cls.from_pretrained(src, subfolder=subfolder, revision=revision, config=tc,
-                                                   key_mapping=key_mapping, dtype=dtype, output_loading_info=True)
-            if info["missing_keys"]:
-                raise ValueError(f"the text encoder checkpoint in {src}/{subfolder} lacks "
-                                 f"{sorted(info['missing_keys'])[:5]}...: not a {full_cls.__name__} checkpoint?")
-            if depth < full_depth:
-                model.norm = torch.nn.Identity()  # hidden_states[depth] must stay the raw layer output, as in the full model
-                notes.append(f"encoder diet: {bare_cls.__name__} with layers 0..{depth - 1} of {full_depth}, final "
-                             f"norm{', vision tower, projector' if family == 'dev' else ''} and LM head not loaded")
-            else:
-                notes.append(f"encoder diet: layer {depth} is the last, final norm kept; LM head"
-                             f"{', vision tower' if family == 'dev' else ''} not loaded")
-        else:
-            model = full_cls.from_pretrained(src, subfolder=subfolder, revision=revision, dtype=dtype)
-            depth = full_depth
+    model, depth = _load_text_model(src, subfolder, revision, family, layers, text_cfg, full_depth, dtype, diet, notes)
     model.eval().requires_grad_(False)
     _quantise(model, qtype, dev, quantize_via, notes, exclude=None if diet else ["lm_head", "*vision_tower*",
                                                                                   "*multi_modal_projector*"])

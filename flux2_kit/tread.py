@@ -175,14 +175,9 @@ def _route_rope(rope, n_txt, kept):
     idx = torch.cat([torch.arange(n_txt, device=kept.device).expand(kept.shape[0], -1), kept + n_txt], dim=1)
     return tuple(f[idx.to(f.device)] for f in rope)
 
-# %% ../nbs/13_tread.ipynb #4ad93ce1
-def _routed_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, img_ids=None, txt_ids=None,
-                    guidance=None, joint_attention_kwargs=None, return_dict=True, kv_cache=None, kv_cache_mode=None,
-                    num_ref_tokens=0, ref_fixed_timestep=0.0):
-    "`Flux2Transformer2DModel.forward` with TREAD routing (training path; `self` is the transformer)."
-    router = self._tread_router
-    num_txt_tokens = encoder_hidden_states.shape[1]
-
+# %% ../nbs/13_tread.ipynb #c68e3017
+def _embed(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance) -> tuple:
+    "The original forward's preamble: time/guidance embedding and modulations, input projections, RoPE of text + image."
     timestep = timestep.to(hidden_states.dtype) * 1000
     if guidance is not None: guidance = guidance.to(hidden_states.dtype) * 1000
     temb = self.time_guidance_embed(timestep, guidance)
@@ -201,6 +196,34 @@ def _routed_forward(self, hidden_states, encoder_hidden_states=None, timestep=No
         torch.cat([text_rotary_emb[0], image_rotary_emb[0]], dim=0),
         torch.cat([text_rotary_emb[1], image_rotary_emb[1]], dim=0),
     )
+    return (hidden_states, encoder_hidden_states, temb, double_stream_mod_img, double_stream_mod_txt, single_stream_mod,
+            concat_rotary_emb, img_ids)
+
+# %% ../nbs/13_tread.ipynb #ecc4e74f
+def _run_block(self, block, double: bool, hidden_states, encoder_hidden_states, mods, rope, joint_attention_kwargs) -> tuple:
+    "One block as the original forward runs it (gradient checkpointing when on); returns `(encoder_hidden_states, hidden_states)`."
+    ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
+    if double:
+        img, txt = mods
+        if ckpt: return self._gradient_checkpointing_func(block, hidden_states, encoder_hidden_states, img, txt, rope,
+                                                          joint_attention_kwargs)
+        return block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb_mod_img=img,
+                     temb_mod_txt=txt, image_rotary_emb=rope, joint_attention_kwargs=joint_attention_kwargs)
+    if ckpt: return encoder_hidden_states, self._gradient_checkpointing_func(block, hidden_states, None, mods, rope,
+                                                                             joint_attention_kwargs)
+    return encoder_hidden_states, block(hidden_states=hidden_states, encoder_hidden_states=None, temb_mod=mods,
+                                        image_rotary_emb=rope, joint_attention_kwargs=joint_attention_kwargs)
+
+# %% ../nbs/13_tread.ipynb #4ad93ce1
+def _routed_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, img_ids=None, txt_ids=None,
+                    guidance=None, joint_attention_kwargs=None, return_dict=True, kv_cache=None, kv_cache_mode=None,
+                    num_ref_tokens=0, ref_fixed_timestep=0.0):
+    "`Flux2Transformer2DModel.forward` with TREAD routing (training path; `self` is the transformer)."
+    router = self._tread_router
+    num_txt_tokens = encoder_hidden_states.shape[1]
+
+    (hidden_states, encoder_hidden_states, temb, double_stream_mod_img, double_stream_mod_txt, single_stream_mod,
+     concat_rotary_emb, img_ids) = _embed(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance)
 
     # TREAD: which image tokens enter each span, drawn from the trainer's generator
     batch = hidden_states.shape[0]
@@ -209,7 +232,6 @@ def _routed_forward(self, hidden_states, encoder_hidden_states=None, timestep=No
     router.last_kept = {s: kept for s, (e, kept) in plan.items()}
     end, kept, span_start_img, rope = None, None, None, concat_rotary_emb
 
-    ckpt = torch.is_grad_enabled() and self.gradient_checkpointing
     blocks = list(self.transformer_blocks) + list(self.single_transformer_blocks)
     nd = len(self.transformer_blocks)
     for i, block in enumerate(blocks):
@@ -222,24 +244,9 @@ def _routed_forward(self, hidden_states, encoder_hidden_states=None, timestep=No
             else:
                 span_start_img = hidden_states[:, num_txt_tokens:]
                 hidden_states = torch.cat([hidden_states[:, :num_txt_tokens], _take(span_start_img, kept)], dim=1)
-        if i < nd:
-            if ckpt:
-                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, double_stream_mod_img, double_stream_mod_txt,
-                    rope, joint_attention_kwargs)
-            else:
-                encoder_hidden_states, hidden_states = block(
-                    hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                    temb_mod_img=double_stream_mod_img, temb_mod_txt=double_stream_mod_txt,
-                    image_rotary_emb=rope, joint_attention_kwargs=joint_attention_kwargs)
-        else:
-            if ckpt:
-                hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, None, single_stream_mod, rope, joint_attention_kwargs)
-            else:
-                hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=None,
-                                      temb_mod=single_stream_mod, image_rotary_emb=rope,
-                                      joint_attention_kwargs=joint_attention_kwargs)
+        mods = (double_stream_mod_img, double_stream_mod_txt) if i < nd else single_stream_mod
+        encoder_hidden_states, hidden_states = _run_block(self, block, i < nd, hidden_states, encoder_hidden_states,
+                                                          mods, rope, joint_attention_kwargs)
         if i == end:  # TREAD: restore; processed tokens back into their places, routed ones unchanged
             if i < nd: hidden_states = _put(span_start_img, kept, hidden_states)
             else:
