@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes, functools, gc, json, math, os, re, subprocess, sys, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
+from fastcore.basics import patch
 from .config import DTYPE_NAMES, PRECISIONS, QUANTO_TYPES, did_you_mean, spec_get
 
 # %% auto #0
@@ -533,6 +534,91 @@ def _settle():
 # %% ../nbs/14_plan.ipynb #f16b87b0
 def _reset_peak(): Path("/proc/self/clear_refs").write_text("5")
 
+# %% ../nbs/14_plan.ipynb #acc3aeb0
+def _measure_transformer(kind: str, a: dict, spec, g, ac, out: dict) -> tuple:
+    "One LoRA training step (`kind` 'train') or no-grad forward ('infer') of the spec's transformer; `(baseline, start time)`."
+    import torch
+    from diffusers import Flux2Transformer2DModel
+    from flux2_kit.lora import build_lora
+    cfg = spec.transformer
+    prec, ddt = a.get("base_model_precision", "no_change"), a.get("base_model_default_dtype", "fp32")
+    dt = {2: torch.bfloat16, 4: torch.float32}[compute_bytes(prec, ddt)] if prec not in ("fp16",) else torch.float16
+    B, side, T = a.get("train_batch_size", 1), a.get("resolution", 256) // 16, a.get("tokenizer_max_length", 64)
+    r0 = _settle()
+    cp = torch.cartesian_prod
+    kw = dict(hidden_states=torch.randn(B, side * side, cfg.get("in_channels", 128), generator=g).to(dt),
+              encoder_hidden_states=torch.randn(B, T, cfg["joint_attention_dim"], generator=g).to(dt),
+              timestep=torch.rand(B, generator=g).to(dt),
+              guidance=torch.full((B,), 3.5).to(dt) if cfg.get("guidance_embeds", True) else None,
+              img_ids=cp(torch.arange(1), torch.arange(side), torch.arange(side), torch.arange(1)),
+              txt_ids=cp(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(T)), return_dict=False)
+    target = torch.randn(B, side * side, cfg.get("in_channels", 128), generator=g)
+    torch.manual_seed(0)
+    m = Flux2Transformer2DModel(**cfg).to(dt).requires_grad_(False)
+    if prec in QUANTO:
+        import optimum.quanto as oq
+        oq.quantize(m, weights=getattr(oq, {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2",
+                                            "fp8-quanto": "qfloat8"}[prec])); oq.freeze(m)
+    build_lora(m, a.get("flux_lora_target", "all"), rank=a.get("lora_rank", 16))
+    params = [p for p in m.parameters() if p.requires_grad]
+    if kind == "train":
+        if a.get("gradient_checkpointing"): m.enable_gradient_checkpointing()
+        m.train()
+        opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+        for p in params: p.grad = torch.zeros_like(p)
+        opt.step(); opt.zero_grad(set_to_none=True)  # optimizer states exist, weights unchanged
+        out["weights"] = _settle() - r0
+        _reset_peak(); t = time.time()
+        with ac: pred = m(**kw)[0]
+        torch.nn.functional.mse_loss(pred.float(), target).backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+    else:
+        m.eval()
+        out["weights"] = _settle() - r0
+        _reset_peak(); t = time.time()
+        with torch.no_grad(), ac: m(**kw)
+    return r0, t
+
+# %% ../nbs/14_plan.ipynb #d46a732b
+def _measure_text(a: dict, spec, g, out: dict) -> tuple:
+    "One batch through the dieted text encoder; `(baseline, start time)`."
+    import torch
+    from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3Model
+    te = dict(spec.text_encoder["text_config"] if spec.text_family == "mistral3" else spec.text_encoder)
+    te = {k: v for k, v in te.items() if k not in ("model_type", "tie_word_embeddings")}
+    te.update(a.get("text_overrides", {}))
+    te["num_hidden_layers"] = max(spec.stacked_layers)  # the diet
+    cls, ccls = (MistralModel, MistralConfig) if spec.text_family == "mistral3" else (Qwen3Model, Qwen3Config)
+    B, L = a.get("write_batch_size", 1), a.get("tokenizer_max_length", 512)
+    ids = torch.randint(0, te["vocab_size"], (B, L), generator=g)
+    r0 = _settle()
+    m = cls(ccls(**te)).to({2: torch.bfloat16, 4: torch.float32}[DTYPE_BYTES[a.get("dtype", "fp32")]]).eval()
+    out["weights"] = _settle() - r0
+    _reset_peak(); t = time.time()
+    with torch.no_grad():
+        hs = m(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+        torch.stack([hs[k] for k in spec.stacked_layers], dim=1)
+    del hs
+    return r0, t
+
+# %% ../nbs/14_plan.ipynb #d617583b
+def _measure_vae(kind: str, a: dict, spec, g, out: dict) -> tuple:
+    "One VAE encode or decode; `(baseline, start time)`."
+    import torch
+    from diffusers import AutoencoderKLFlux2
+    dt = {2: torch.bfloat16, 4: torch.float32}[DTYPE_BYTES[a.get("vae_dtype", "fp32")]]
+    B, res = a.get("vae_batch_size", 1), a.get("resolution", 256)
+    r0 = _settle()
+    v = AutoencoderKLFlux2(**spec.vae).to(dt).eval()
+    x = (torch.randn(B, 3, res, res, generator=g) if kind == "vae_encode"
+         else torch.randn(B, v.config.latent_channels, res // 8, res // 8, generator=g)).to(dt)
+    out["weights"] = _settle() - r0
+    _reset_peak(); t = time.time()
+    with torch.no_grad():
+        if kind == "vae_encode": v.encode(x).latent_dist.mode()
+        else: v.decode(x).sample
+    return r0, t
+
 # %% ../nbs/14_plan.ipynb #9e226279
 def _measure(kind: str, a: dict) -> dict:
     "Child side of `measure_peak` (runs in a fresh process)."
@@ -543,76 +629,9 @@ def _measure(kind: str, a: dict) -> dict:
     ac = torch.autocast("cpu", dtype=torch.bfloat16) if a.get("mixed_precision", "no") == "bf16" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(0)
     out = dict(kind=kind, args=a)
-    if kind in ("train", "infer"):
-        from diffusers import Flux2Transformer2DModel
-        from flux2_kit.lora import build_lora
-        cfg = spec.transformer
-        prec, ddt = a.get("base_model_precision", "no_change"), a.get("base_model_default_dtype", "fp32")
-        dt = {2: torch.bfloat16, 4: torch.float32}[compute_bytes(prec, ddt)] if prec not in ("fp16",) else torch.float16
-        B, side, T = a.get("train_batch_size", 1), a.get("resolution", 256) // 16, a.get("tokenizer_max_length", 64)
-        r0 = _settle()
-        cp = torch.cartesian_prod
-        kw = dict(hidden_states=torch.randn(B, side * side, cfg.get("in_channels", 128), generator=g).to(dt),
-                  encoder_hidden_states=torch.randn(B, T, cfg["joint_attention_dim"], generator=g).to(dt),
-                  timestep=torch.rand(B, generator=g).to(dt),
-                  guidance=torch.full((B,), 3.5).to(dt) if cfg.get("guidance_embeds", True) else None,
-                  img_ids=cp(torch.arange(1), torch.arange(side), torch.arange(side), torch.arange(1)),
-                  txt_ids=cp(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(T)), return_dict=False)
-        target = torch.randn(B, side * side, cfg.get("in_channels", 128), generator=g)
-        torch.manual_seed(0)
-        m = Flux2Transformer2DModel(**cfg).to(dt).requires_grad_(False)
-        if prec in QUANTO:
-            import optimum.quanto as oq
-            oq.quantize(m, weights=getattr(oq, {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2",
-                                                "fp8-quanto": "qfloat8"}[prec])); oq.freeze(m)
-        build_lora(m, a.get("flux_lora_target", "all"), rank=a.get("lora_rank", 16))
-        params = [p for p in m.parameters() if p.requires_grad]
-        if kind == "train":
-            if a.get("gradient_checkpointing"): m.enable_gradient_checkpointing()
-            m.train()
-            opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
-            for p in params: p.grad = torch.zeros_like(p)
-            opt.step(); opt.zero_grad(set_to_none=True)  # optimizer states exist, weights unchanged
-            out["weights"] = _settle() - r0
-            _reset_peak(); t = time.time()
-            with ac: pred = m(**kw)[0]
-            torch.nn.functional.mse_loss(pred.float(), target).backward()
-            opt.step(); opt.zero_grad(set_to_none=True)
-        else:
-            m.eval()
-            out["weights"] = _settle() - r0
-            _reset_peak(); t = time.time()
-            with torch.no_grad(), ac: m(**kw)
-    elif kind == "text":
-        from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3Model
-        te = dict(spec.text_encoder["text_config"] if spec.text_family == "mistral3" else spec.text_encoder)
-        te = {k: v for k, v in te.items() if k not in ("model_type", "tie_word_embeddings")}
-        te.update(a.get("text_overrides", {}))
-        te["num_hidden_layers"] = max(spec.stacked_layers)  # the diet
-        cls, ccls = (MistralModel, MistralConfig) if spec.text_family == "mistral3" else (Qwen3Model, Qwen3Config)
-        B, L = a.get("write_batch_size", 1), a.get("tokenizer_max_length", 512)
-        ids = torch.randint(0, te["vocab_size"], (B, L), generator=g)
-        r0 = _settle()
-        m = cls(ccls(**te)).to({2: torch.bfloat16, 4: torch.float32}[DTYPE_BYTES[a.get("dtype", "fp32")]]).eval()
-        out["weights"] = _settle() - r0
-        _reset_peak(); t = time.time()
-        with torch.no_grad():
-            hs = m(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
-            torch.stack([hs[k] for k in spec.stacked_layers], dim=1)
-        del hs
-    elif kind in ("vae_encode", "vae_decode"):
-        from diffusers import AutoencoderKLFlux2
-        dt = {2: torch.bfloat16, 4: torch.float32}[DTYPE_BYTES[a.get("vae_dtype", "fp32")]]
-        B, res = a.get("vae_batch_size", 1), a.get("resolution", 256)
-        r0 = _settle()
-        v = AutoencoderKLFlux2(**spec.vae).to(dt).eval()
-        x = (torch.randn(B, 3, res, res, generator=g) if kind == "vae_encode"
-             else torch.randn(B, v.config.latent_channels, res // 8, res // 8, generator=g)).to(dt)
-        out["weights"] = _settle() - r0
-        _reset_peak(); t = time.time()
-        with torch.no_grad():
-            if kind == "vae_encode": v.encode(x).latent_dist.mode()
-            else: v.decode(x).sample
+    if kind in ("train", "infer"): r0, t = _measure_transformer(kind, a, spec, g, ac, out)
+    elif kind == "text": r0, t = _measure_text(a, spec, g, out)
+    elif kind in ("vae_encode", "vae_decode"): r0, t = _measure_vae(kind, a, spec, g, out)
     else: raise PlanError(f"measure kind {kind!r} is not one of train, infer, text, vae_encode, vae_decode")
     out["seconds"] = time.time() - t
     out["peak"] = _status()["VmHWM"] - r0
@@ -772,47 +791,55 @@ class Plan:
         if "_advice" not in self.__dict__: self.__dict__["_advice"] = _advice(self)
         return self.__dict__["_advice"]
 
-    def rows(self) -> list:
-        "The table as data: one dict per component with GiB per phase."
-        names = list(dict.fromkeys(c for p in self.phases.values() for c in p.components))
-        rows = [{"component": n, **{k: p.components[n] / GiB for k, p in self.phases.items() if n in p.components}} for n in names]
-        rows.append({"component": "peak per GPU", **{k: p.peak / GiB for k, p in self.phases.items()}})
-        rows.append({"component": "host RAM per process", **{k: p.host_total / GiB for k, p in self.phases.items()}})
-        return rows
-
-    def summary(self) -> str:
-        s = self.settings
-        line = (f"{s.model}: transformer {s.base_model_precision}, text encoder {s.text_encoder_1_precision}, "
-                f"{s.resolution} px x {s.train_batch_size}, LoRA r{s.lora_rank}, {s.optimizer}, "
-                f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.gpus} GPU{'s' if s.gpus > 1 else ''} {s.strategy}")
-        if self.gpu_memory is not None:
-            line += (f" — {'fits' if self.fits else 'does NOT fit'}: peak {_gb(self.peak)} GiB ({self.peak_phase}) "
-                     f"of {_gb(self.gpu_memory)} GiB")
-        return line
-
-    def to_markdown(self) -> str:
-        "The plan as a markdown table (GiB per process)."
-        ph = list(self.phases)
-        out = [f"**{self.summary()}**", "", "| component | " + " | ".join(ph) + " |", "|---|" + "---:|" * len(ph)]
-        for r in self.rows():
-            cells = [(f"{r[k]:.1f}" if k in r else "") for k in ph]
-            if r["component"] == "peak per GPU": cells = [f"**{c}** ({self.phases[k].peak_step})" for c, k in zip(cells, ph)]
-            out.append(f"| {r['component']} | " + " | ".join(cells) + " |")
-        if self.disk: out += ["", "Caches on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.disk.items())]
-        adv = self.advice
-        if adv: out += ["", "Cheapest change that fits:", *[f"- {a}" for a in adv]]
-        return "\n".join(out)
-
     def _repr_markdown_(self): return self.to_markdown()
 
-    def __repr__(self):
-        ph = list(self.phases)
-        w = max(len(r["component"]) for r in self.rows())
-        lines = [self.summary(), f"{'GiB per process':<{w}} " + " ".join(f"{k:>9}" for k in ph)]
-        for r in self.rows(): lines.append(f"{r['component']:<{w}} " + " ".join(f"{r[k]:>9.1f}" if k in r else " " * 9 for k in ph))
-        if self.disk: lines.append("caches on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.disk.items()))
-        lines += [f"- {a}" for a in self.advice]
-        return "\n".join(lines)
+# %% ../nbs/14_plan.ipynb #e2226cc4
+@patch
+def rows(self: Plan) -> list:
+    "The table as data: one dict per component with GiB per phase."
+    names = list(dict.fromkeys(c for p in self.phases.values() for c in p.components))
+    rows = [{"component": n, **{k: p.components[n] / GiB for k, p in self.phases.items() if n in p.components}} for n in names]
+    rows.append({"component": "peak per GPU", **{k: p.peak / GiB for k, p in self.phases.items()}})
+    rows.append({"component": "host RAM per process", **{k: p.host_total / GiB for k, p in self.phases.items()}})
+    return rows
+
+# %% ../nbs/14_plan.ipynb #dc558241
+@patch
+def summary(self: Plan) -> str:
+    s = self.settings
+    line = (f"{s.model}: transformer {s.base_model_precision}, text encoder {s.text_encoder_1_precision}, "
+            f"{s.resolution} px x {s.train_batch_size}, LoRA r{s.lora_rank}, {s.optimizer}, "
+            f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.gpus} GPU{'s' if s.gpus > 1 else ''} {s.strategy}")
+    if self.gpu_memory is not None:
+        line += (f" — {'fits' if self.fits else 'does NOT fit'}: peak {_gb(self.peak)} GiB ({self.peak_phase}) "
+                 f"of {_gb(self.gpu_memory)} GiB")
+    return line
+
+# %% ../nbs/14_plan.ipynb #8fbc3d71
+@patch
+def to_markdown(self: Plan) -> str:
+    "The plan as a markdown table (GiB per process)."
+    ph = list(self.phases)
+    out = [f"**{self.summary()}**", "", "| component | " + " | ".join(ph) + " |", "|---|" + "---:|" * len(ph)]
+    for r in self.rows():
+        cells = [(f"{r[k]:.1f}" if k in r else "") for k in ph]
+        if r["component"] == "peak per GPU": cells = [f"**{c}** ({self.phases[k].peak_step})" for c, k in zip(cells, ph)]
+        out.append(f"| {r['component']} | " + " | ".join(cells) + " |")
+    if self.disk: out += ["", "Caches on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.disk.items())]
+    adv = self.advice
+    if adv: out += ["", "Cheapest change that fits:", *[f"- {a}" for a in adv]]
+    return "\n".join(out)
+
+# %% ../nbs/14_plan.ipynb #c24161c7
+@patch
+def __repr__(self: Plan):
+    ph = list(self.phases)
+    w = max(len(r["component"]) for r in self.rows())
+    lines = [self.summary(), f"{'GiB per process':<{w}} " + " ".join(f"{k:>9}" for k in ph)]
+    for r in self.rows(): lines.append(f"{r['component']:<{w}} " + " ".join(f"{r[k]:>9.1f}" if k in r else " " * 9 for k in ph))
+    if self.disk: lines.append("caches on disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.disk.items()))
+    lines += [f"- {a}" for a in self.advice]
+    return "\n".join(lines)
 
 # %% ../nbs/14_plan.ipynb #40753528
 def _te_weights(te, s, group_offload):
@@ -823,15 +850,10 @@ def _te_weights(te, s, group_offload):
           (2 if s.group_offload_use_stream else 1) * s.group_offload_blocks_per_group * layer
     return min(dev, full), max(full - dev, 0)
 
-# %% ../nbs/14_plan.ipynb #c9e6cfe7
-def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
-    tc, te, vc = transformer_counts(spec), text_encoder_counts(spec), vae_counts(spec)
-    lc = lora_counts(spec, s.flux_lora_target, s.lora_rank, s.lora_type)
-    runtime = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
-    world = s.gpus
-    fsdp = s.strategy == "fsdp2" and world > 1
+# %% ../nbs/14_plan.ipynb #22e4f2d7
+def _caching_phase(spec: ModelSpec, s: PlanSettings, te, vc, runtime: int) -> Phase:
+    "Caching: the dieted text encoder encodes the prompts, then the VAE encoder the images."
     dd = s.base_model_default_dtype
-    # caching
     te_dev, te_host = _te_weights(te, s, s.group_offload_text_encoder and s.enable_group_offload)
     tep = s.text_encoder_1_precision
     c = {f"text encoder (diet, {tep})": te_dev, "text encoder activations": text_activations(spec, s),
@@ -845,7 +867,13 @@ def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
     if tep in QUANTO and s.quantize_via == "cpu": host["text encoder loading copy"] = weight_bytes(te.diet, dd, dd)
     if s.offload_during_startup: host["text encoder parked while latents cache"] = te_dev
     caching = Phase("caching", c, steps, host)
-    # training
+    return caching
+
+# %% ../nbs/14_plan.ipynb #ccb989d6
+def _training_phase(spec: ModelSpec, s: PlanSettings, tc, lc, runtime: int) -> tuple:
+    "Training: the transformer (sharded, offloaded or whole), LoRA, gradients, optimizer states, activations; `(phase, image tokens)`."
+    world, dd = s.gpus, s.base_model_default_dtype
+    fsdp = s.strategy == "fsdp2" and world > 1
     bp = s.base_model_precision
     tr_full = weight_bytes(tc.total, bp, dd)
     tname = f"transformer ({bp if bp != 'no_change' else dd})"
@@ -875,13 +903,30 @@ def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
     if t_host: thost["transformer (group-offloaded)"] = t_host
     if bp in QUANTO and s.quantize_via == "cpu": thost["transformer loading copy"] = weight_bytes(tc.total, dd, dd)
     training = Phase("training", t, {"step": list(t)}, thost)
-    # preview
+    return training, img_tokens
+
+# %% ../nbs/14_plan.ipynb #408f0571
+def _preview_phase(spec: ModelSpec, s: PlanSettings, training: Phase, vc, runtime: int) -> Phase:
+    "Preview: the training weights that stay, the VAE decoder, a no-grad denoise, then a decode."
+    t, bp, dd = training.components, s.base_model_precision, s.base_model_default_dtype
+    tname = f"transformer ({bp if bp != 'no_change' else dd})"
     p = {k: v for k, v in t.items() if k in (tname, "FSDP2 all-gather (2 blocks)", "LoRA weights (fp32)", f"optimizer states ({s.optimizer})")}
     p.update({f"VAE decoder ({s.vae_dtype})": weight_bytes(vc.decoder, s.vae_dtype),
               "denoise activations": inference_activations(spec, s),
               "decode activations": vae_activations(spec, s, decode=True), RUNTIME: runtime})
     common = [k for k in p if k not in ("denoise activations", "decode activations")]
-    preview = Phase("preview", p, {"denoise": common + ["denoise activations"], "decode": common + ["decode activations"]}, dict(thost))
+    preview = Phase("preview", p, {"denoise": common + ["denoise activations"], "decode": common + ["decode activations"]}, dict(training.host))
+    return preview
+
+# %% ../nbs/14_plan.ipynb #c9e6cfe7
+def _build_plan(spec: ModelSpec, s: PlanSettings, gpu_memory, device) -> Plan:
+    tc, te, vc = transformer_counts(spec), text_encoder_counts(spec), vae_counts(spec)
+    lc = lora_counts(spec, s.flux_lora_target, s.lora_rank, s.lora_type)
+    runtime = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
+    dd = s.base_model_default_dtype
+    caching = _caching_phase(spec, s, te, vc, runtime)
+    training, img_tokens = _training_phase(spec, s, tc, lc, runtime)
+    preview = _preview_phase(spec, s, training, vc, runtime)
     lat = 32 * 4 * img_tokens * DTYPE_BYTES[s.vae_dtype]
     disk = {"text embeds per prompt": s.tokenizer_max_length * tc.joint_attention_dim * DTYPE_BYTES[dd],
             "latents per image": lat}
