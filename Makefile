@@ -47,6 +47,7 @@ clean-check: env
 
 lint: env
 	$(BIN)/python .ci/check_exports.py
+	$(BIN)/python .ci/check_shape.py  # no import cycle in flux2_kit/, no code cell over 60 lines; prints the cell-size report
 
 nbtest: env
 	$(BIN)/nbdev_test --n_workers 2 --timing

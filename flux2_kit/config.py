@@ -151,6 +151,8 @@ _VALUE_ALIASES = {  # other spellings accepted for a choice, normalised to the c
     "lora_type": {"standard": "lora"}, "optimizer": {"bnb-adamw8bit": "adamw8bit", "torch-adamw": "adamw"},
     "caption_strategy": {"instance_prompt": "instanceprompt"}, "metadata_backend": {"json": "discovery"},
 }
+
+# %% ../nbs/02_config.ipynb #e95daf49
 _RANGES = {
     "train_batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)", "learning_rate": "(0, 1]",
     "lr_warmup_steps": "[0, inf)", "lr_num_cycles": "[1, inf)", "lr_power": "(0, inf)",
@@ -393,13 +395,10 @@ def parse_report_to(value: str,  # "none" | "all" | "tensorboard" | "wandb" | "t
                               f"{', '.join(map(repr, TRACKERS))}{did_you_mean(n, TRACKERS)}", "report_to", value)
     return list(dict.fromkeys(names))
 
-# %% ../nbs/02_config.ipynb #73407696
-_INTERNAL = ("datasets", "prompt_library", "base_dir", "source", "notices")
-
+# %% ../nbs/02_config.ipynb #27032743
 @dataclass(frozen=True, repr=False)
-class Config:
-    "Every flux2_kit training option, flat, with SimpleTuner's key names. See `load_config`."
-    # --- model -----------------------------------------------------------------------------------------------------
+class _ModelKeys:
+    "Config keys: model."
     model_type: str = "lora"  # what is trained: "lora" only (SimpleTuner's "full" fine-tune is refused)
     model_family: str = "flux2"  # architecture: "flux2" only
     model_flavour: str = "dev"  # "dev" (Mistral-3 encoder, guidance embedding) | "klein-4b" | "klein-9b" (Qwen3, no guidance)
@@ -407,7 +406,11 @@ class Config:
     revision: str | None = None  # hub revision (branch, tag or commit) of pretrained_model_name_or_path
     output_dir: str = "output"  # run directory (run.json, events.jsonl, checkpoints/, previews/, lora/); resolved against base_dir
     overwrite_output_dir: bool = False  # a used output_dir and no resume_from_checkpoint: True deletes its previous run's files and starts over; False refuses
-    # --- batch and schedule ----------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #3e2b063c
+@dataclass(frozen=True, repr=False)
+class _ScheduleKeys:
+    "Config keys: batch and schedule."
     train_batch_size: int = 1  # images per forward/backward pass, per process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
@@ -421,14 +424,22 @@ class Config:
     num_train_epochs: int = 1  # passes over the data when max_train_steps is 0 (0 with max_train_steps 0 is an error)
     seed: int = 42  # seeds data order, noise, timesteps and LoRA init (saved in checkpoints for bit-exact resume)
     max_grad_norm: float = 1.0  # clip the gradient's global norm to this; 0: no clipping (the norm is still logged)
-    # --- optimizer -------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #e035a866
+@dataclass(frozen=True, repr=False)
+class _OptimizerKeys:
+    "Config keys: optimizer."
     optimizer: str = "adamw"  # "adamw" (torch.optim.AdamW) | "adamw8bit" (bitsandbytes.optim.AdamW8bit)
     adam_beta1: float = 0.9  # AdamW beta1 (SimpleTuner also spells it optimizer_beta1)
     adam_beta2: float = 0.999  # AdamW beta2 (optimizer_beta2)
     adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
     disable_tf32: bool = False  # keep full-fp32 matmuls on Ampere+ GPUs (default: TF32 allowed, as SimpleTuner)
-    # --- LoRA ------------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #a5bd4e2e
+@dataclass(frozen=True, repr=False)
+class _LoraKeys:
+    "Config keys: LoRA."
     lora_type: str = "lora"  # "lora" | "lokr" | "loha" (peft's LoKr / LoHa); SimpleTuner's "standard" is read as "lora"
     lora_rank: int = 16  # adapter rank r
     lora_alpha: float | None = None  # scaling alpha (update scaled by alpha/r); None: equal to lora_rank
@@ -437,7 +448,11 @@ class Config:
     use_dora: bool = False  # DoRA (peft): a trained magnitude per output feature on top of the LoRA direction (lora_type "lora" only)
     lora_export_formats: list[str] = field(default_factory=lambda: ["diffusers", "comfyui", "kohya"])  # files written to lora/: "diffusers" | "comfyui" (BFL keys) | "kohya" (lora_unet_*, musubi); SimpleTuner's lora_format sets one
     flux_lora_target: str | list[str] = "all"  # preset "all"|"attention"|"mlp"|"tiny", or module names / a regex (see parse_lora_target)
-    # --- flow matching ---------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #4117f72e
+@dataclass(frozen=True, repr=False)
+class _FlowKeys:
+    "Config keys: flow matching."
     flux_guidance_mode: str = "constant"  # dev only (klein has no guidance embedding): "constant" | "random-range"
     flux_guidance_value: float = 1.0  # constant mode: the guidance fed to the transformer while training
     flux_guidance_min: float = 1.0  # random-range mode: guidance ~ U(min, max) per sample
@@ -455,9 +470,17 @@ class Config:
     scheduled_sampling_ramp_steps: int = 0  # ramp length in steps; 0: no ramp (use scheduled_sampling_probability)
     scheduled_sampling_start_step: int = 0  # first step of the ramp
     scheduled_sampling_ramp_shape: str = "linear"  # "linear" | "cosine"
-    # --- text ------------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #b6d3973b
+@dataclass(frozen=True, repr=False)
+class _TextKeys:
+    "Config keys: text."
     tokenizer_max_length: int = 512  # prompt tokens (padded/truncated), as the pipelines' max_sequence_length
-    # --- validation ------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #ac3ad5aa
+@dataclass(frozen=True, repr=False)
+class _ValidationKeys:
+    "Config keys: validation."
     validation_prompt: str | None = None  # one preview prompt (added to user_prompt_library's prompts)
     validation_resolution: str = "1024x1024"  # "WxH", "N" (square) or a comma list; see `validation_resolutions`
     validation_num_inference_steps: int = 20  # sampler steps per preview image
@@ -470,11 +493,19 @@ class Config:
     validation_steps: int = 100  # preview every N optimizer steps; 0: never (SimpleTuner also: validation_step_interval)
     validation_seed: int | None = None  # seed for preview noise; None: use `seed`
     user_prompt_library: str | None = None  # JSON file {name: prompt} of preview prompts; loaded into `prompt_library`
-    # --- checkpoints -----------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #345bff69
+@dataclass(frozen=True, repr=False)
+class _CheckpointKeys:
+    "Config keys: checkpoints."
     checkpointing_steps: int = 500  # save a resumable checkpoint every N optimizer steps; 0: never (also checkpoint_step_interval)
     checkpoints_total_limit: int | None = None  # keep at most this many complete checkpoints; None: keep all
     resume_from_checkpoint: str | None = None  # None: start fresh | "latest": newest complete checkpoint in output_dir | a checkpoint name or path
-    # --- data ------------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #aa3d878d
+@dataclass(frozen=True, repr=False)
+class _DataKeys:
+    "Config keys: data."
     data_backend_config: str | None = None  # multidatabackend.json; loaded into `datasets`
     resolution: int | float = 1024  # default `resolution` for datasets that set none
     resolution_type: str = "pixel_area"  # default `resolution_type` for datasets that set none
@@ -485,7 +516,11 @@ class Config:
     write_batch_size: int = 64  # default text-embed batch (prompts per encoder pass and shard) for datasets that set none
     conditioning_multidataset_sampling: str = "random"  # several conditioning_data: "random" (one per step) | "combined" (all)
     vae_batch_size: int = 4  # images per VAE encode while caching latents
-    # --- memory ----------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #cff76dd9
+@dataclass(frozen=True, repr=False)
+class _MemoryKeys:
+    "Config keys: memory."
     base_model_precision: str = "no_change"  # transformer weights: "no_change" | "bf16"|"fp16"|"fp32" | "int8-quanto"|"int4-quanto"|"fp8-quanto"
     text_encoder_1_precision: str = "no_change"  # text encoder weights, same values
     base_model_default_dtype: str = "bf16"  # dtype of non-quantised weights when loading: "bf16" | "fp16" | "fp32"
@@ -502,10 +537,22 @@ class Config:
     fsdp_enable: bool = False  # several processes: shard the transformer with FSDP2 instead of DDP (flux2_kit.launch's strategy default)
     memory_check: bool = True  # plan memory before loading anything and refuse a run that cannot fit (see flux2_kit.plan)
     gpu_memory_gb: float | None = None  # memory per GPU the plan is checked against (None: the CUDA device's own; no GPU: not checked)
-    # --- logging ---------------------------------------------------------------------------------------------------
+
+# %% ../nbs/02_config.ipynb #8ef5c137
+@dataclass(frozen=True, repr=False)
+class _LoggingKeys:
+    "Config keys: logging."
     report_to: str = "none"  # "none" | "tensorboard" | "wandb" | "all" | a comma list; see `trackers`
     tracker_project_name: str | None = None  # tracker project (wandb project / tensorboard subfolder)
     tracker_run_name: str | None = None  # tracker run name
+
+# %% ../nbs/02_config.ipynb #73407696
+_INTERNAL = ("datasets", "prompt_library", "base_dir", "source", "notices")
+
+@dataclass(frozen=True, repr=False)
+class Config(_LoggingKeys, _MemoryKeys, _DataKeys, _CheckpointKeys, _ValidationKeys, _TextKeys, _FlowKeys, _LoraKeys, _OptimizerKeys, _ScheduleKeys, _ModelKeys):
+    "Every flux2_kit training option, flat, with SimpleTuner's key names. See `load_config`."
+    # The keys are grouped above (one dataclass per topic, listed last to first so the keys keep their order).
     # --- filled by load_config (not keys) --------------------------------------------------------------------------
     datasets: list = field(default_factory=list, compare=False)  # list[DatasetSpec] from data_backend_config
     prompt_library: dict = field(default_factory=dict, compare=False)  # {name: prompt} from user_prompt_library
