@@ -213,12 +213,10 @@ def check_settings(cfg: Config) -> list:
         except Exception as e:
             out.append(Problem("error", f"'optimizer' = 'adamw8bit' needs bitsandbytes, which does not import here ({e}): "
                                "`pip install bitsandbytes` on a CUDA machine, or use 'adamw'", "optimizer", "adamw8bit", cfg.source))
-    for name in cfg.trackers:
-        from importlib.util import find_spec
-        pkg = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
-        if find_spec(pkg) is None:
-            out.append(Problem("error", f"'report_to' = {cfg.report_to!r} needs {pkg}, which is not installed: "
-                               f"`pip install {pkg}`, or set report_to to 'none'", "report_to", cfg.report_to, cfg.source))
+    if cfg.trackers:
+        from flux2_kit.train import tracker_kwargs
+        try: tracker_kwargs(cfg)  # the Accelerator's own check, made before it is
+        except ConfigError as e: out.append(Problem("error", e.msg, e.key, e.value, cfg.source))
     return out
 
 # %% ../nbs/11a_check.ipynb #276dd6b2
