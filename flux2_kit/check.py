@@ -208,6 +208,10 @@ def check_settings(cfg: Config) -> list:
         out.append(Problem("note", "'validation_negative_prompt' is not used by FLUX.2-dev previews: dev is guidance-"
                            "distilled and has no classifier-free guidance (klein previews use it)",
                            "validation_negative_prompt", cfg.validation_negative_prompt, cfg.source))
+    if cfg.optimizer == "adamw_bf16" and cfg.model_type == "lora":
+        out.append(Problem("note", "'optimizer' = 'adamw_bf16': a LoRA's weights are fp32 here (peft keeps them so over a "
+                           "bf16 base), so this is plain AdamW; stochastic bf16 rounding applies to bf16 weights",
+                           "optimizer", "adamw_bf16", cfg.source))
     if cfg.optimizer == "adamw8bit":
         try: import bitsandbytes  # noqa: F401
         except Exception as e:
@@ -302,6 +306,11 @@ def check_data(cfg: Config,  # the run's config (its image and conditioning data
         row = dataset_row(t, batches)
         rep.datasets.append(row)
         if not t.items: rep.add(_nothing_trains(cfg, row))
+        elif row["skipped"]:
+            top = max(row["skipped"], key=row["skipped"].get)
+            rep.add(Problem("warning", f"dataset {k!r}: {sum(row['skipped'].values())} of {row['found']} files skipped "
+                            f"({_skipped_text(row, 5)}), e.g. {row['examples'][0]}" +
+                            (f"; to keep them: {FIXES[top]}" if top in FIXES else ""), file=cfg.data_backend_config))
         warns = {}
         for w in t.report.warnings: warns.setdefault(w.code, []).append(w)
         for code, ws in warns.items():

@@ -53,7 +53,10 @@ def cmd_train(args, extra) -> int:
     t = _trainer(args, extra)
     t.fit()
     if t.is_main:
-        what = f"trained {t.step} steps" if t.status == "completed" else f"stopped at step {t.step}"
+        new = sum(r.stepped for r in t.history)
+        what = (f"stopped at step {t.step}" if t.status != "completed" else f"trained {t.step} steps" if t.resumed_from is None
+                else f"trained {new} step{'s' * (new > 1)} from {t.resumed_from.name} (now at step {t.step})" if new else
+                f"nothing to train: {t.resumed_from.name} is already at max_train_steps {t.step} (raise it to train further)")
         print(f"{what}; run directory: {t.rundir.root}\nLoRA: {t.rundir.lora_dir}")
     return 0
 
