@@ -32,6 +32,17 @@ print("import order (each module imports only modules before it):")
 print("  " + " -> ".join(m.split(".")[1] for m in order))
 problems = [f"import cycle: {' -> '.join(c)}" for c in cycles]
 
+# the notebooks' numbers are a reading order without forward references: each module imports only earlier notebooks'
+nb_of = {}
+for nb in sorted(Path("nbs").glob("*.ipynb")):
+    for c in json.loads(nb.read_text())["cells"]:
+        src = "".join(c["source"])
+        if src.startswith("#| default_exp "): nb_of[f"flux2_kit.{src.split()[2]}"] = nb.name
+for m, deps in graph.items():
+    for d in deps:
+        if m in nb_of and d in nb_of and nb_of[d] > nb_of[m]:
+            problems.append(f"{nb_of[m]} imports {d} from a later notebook, {nb_of[d]}: renumber so a reader meets it first")
+
 export_lines, defs_per_cell, largest = [], [], (0, "")
 for nb in sorted(Path("nbs").glob("*.ipynb")):
     for c in json.loads(nb.read_text())["cells"]:

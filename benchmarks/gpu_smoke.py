@@ -31,7 +31,8 @@ def main():
         print("gpu_smoke: skipped, no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine")
         return 0
     from flux2_kit.sample import sample_dataset
-    from flux2_kit.trainer import Trainer, tiny_config
+    from flux2_kit.trainer import Trainer
+    from flux2_kit.tiny import tiny_config
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="flux2_kit_gpu_smoke_"))
     data = sample_dataset(workdir / "datasets")
     datasets = [dict(id="sample", type="local", instance_data_dir=str(data), caption_strategy="textfile", crop=True,

@@ -118,7 +118,7 @@ def fwd_bwd(model, batch, seed=0, loss_fn=None, **kw):
 def trainer_config(workdir: Path, res: int, max_steps: int = 10_000):
     "tiny_config on flux2-small with the sample dataset cropped square at `res` px (all four images in one bucket)."
     from flux2_kit.sample import sample_dataset
-    from flux2_kit.trainer import tiny_config
+    from flux2_kit.tiny import tiny_config
     data = sample_dataset(workdir / "datasets")
     datasets = [dict(id="sample", type="local", instance_data_dir=str(data), caption_strategy="textfile", crop=True,
                      crop_aspect="square", crop_style="center", resolution=res, resolution_type="pixel_area",

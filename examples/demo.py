@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main(workdir="runs/demo", steps=100):
     from flux2_kit import Trainer
-    from flux2_kit.trainer import tiny_config
+    from flux2_kit.tiny import tiny_config
     t0 = time.time()
     workdir = Path(workdir).resolve()
     cfg = tiny_config(workdir, "dev", "small", max_train_steps=int(steps), checkpointing_steps=50, checkpoints_total_limit=2,

@@ -11,7 +11,7 @@ import argparse, os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flux2_kit import Trainer
-from flux2_kit.trainer import tiny_config
+from flux2_kit.tiny import tiny_config
 
 
 def main():

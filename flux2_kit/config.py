@@ -15,9 +15,9 @@ from .runlog import atomic_write_text, is_path_name, slug
 # %% auto #0
 __all__ = ['FLAVOURS', 'DEFAULT_MODEL_PATHS', 'TINY_PREFIX', 'DTYPE_NAMES', 'QUANTO_TYPES', 'PRECISIONS', 'LORA_TARGET_PRESETS',
            'LORA_EXPORT_FORMATS', 'LR_SCHEDULERS', 'TRACKERS', 'SKIP_DISCOVERY_STAGES', 'SIMPLETUNER_UNSUPPORTED',
-           'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError', 'closest', 'did_you_mean', 'spec_get', 'spec_id',
-           'parse_resolutions', 'parse_lora_target', 'check_tread_config', 'parse_report_to', 'Config', 'config_keys',
-           'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config',
+           'SIMPLETUNER_DATASET_UNSUPPORTED', 'ConfigError', 'default_home', 'closest', 'did_you_mean', 'spec_get',
+           'spec_id', 'parse_resolutions', 'parse_lora_target', 'check_tread_config', 'parse_report_to', 'Config',
+           'config_keys', 'DatasetSpec', 'check_datasets', 'load_databackend', 'load_prompt_library', 'load_config',
            'dataset_defaults', 'check_dataset_paths']
 
 # %% ../nbs/02_config.ipynb #f2cbf8c7
@@ -151,6 +151,11 @@ _VALUE_ALIASES = {  # other spellings accepted for a choice, normalised to the c
     "lora_type": {"standard": "lora"}, "optimizer": {"bnb-adamw8bit": "adamw8bit", "torch-adamw": "adamw"},
     "caption_strategy": {"instance_prompt": "instanceprompt"}, "metadata_backend": {"json": "discovery"},
 }
+
+# %% ../nbs/02_config.ipynb #7c1bca75
+def default_home() -> Path:
+    "Where flux2_kit keeps built models and datasets: `$FLUX2_KIT_HOME`, else `~/.cache/flux2_kit`."
+    return Path(os.environ.get("FLUX2_KIT_HOME", Path.home() / ".cache" / "flux2_kit"))
 
 # %% ../nbs/02_config.ipynb #e95daf49
 _RANGES = {

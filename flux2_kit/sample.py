@@ -6,7 +6,7 @@
 from __future__ import annotations
 import json, os, shutil, tempfile
 from pathlib import Path
-from .tiny import default_home
+from .config import default_home
 
 # %% auto #0
 __all__ = ['SAMPLES', 'EDIT_NAMES', 'sample_dataset', 'sample_edit_dataset']

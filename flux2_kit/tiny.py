@@ -6,11 +6,12 @@
 from __future__ import annotations
 import json, os, shutil, tempfile
 from pathlib import Path
+from .config import Config, default_home, load_config
 
 # %% auto #0
 __all__ = ['FLAVOURS', 'SIZES', 'TEXT_LAYERS', 'TEXT_DEPTH', 'QWEN3_CHAT_TEMPLATE', 'TINY_VERSION', 'tiny_configs',
            'mistral_tokenizer', 'qwen_tokenizer', 'build_components', 'pipeline_class', 'build_flux2_tiny',
-           'default_home', 'flux2_tiny']
+           'flux2_tiny', 'tiny_config']
 
 # %% ../nbs/00_tiny.ipynb #eba1fa47
 FLAVOURS = ("dev", "klein")
@@ -181,11 +182,6 @@ def build_flux2_tiny(path,  # folder to write (created; must be empty or absent 
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-# %% ../nbs/00_tiny.ipynb #44c4ad99
-def default_home() -> Path:
-    "Where flux2_kit keeps built models and datasets: `$FLUX2_KIT_HOME`, else `~/.cache/flux2_kit`."
-    return Path(os.environ.get("FLUX2_KIT_HOME", Path.home() / ".cache" / "flux2_kit"))
-
 # %% ../nbs/00_tiny.ipynb #033e766c
 TINY_VERSION = 1  # bump when the builder changes, so cached builds are rebuilt
 
@@ -199,3 +195,36 @@ def flux2_tiny(flavour: str = "dev", size: str = "tiny", seed: int = 0, root=Non
     path = root / f"flux2-{size}-{flavour}{'-distilled' if distilled else ''}-s{seed}-v{TINY_VERSION}"
     if not (path / "model_index.json").exists(): build_flux2_tiny(path, flavour, size, seed, overwrite=True, distilled=distilled)
     return path
+
+# %% ../nbs/00_tiny.ipynb #1b5833f2
+def tiny_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
+                flavour: str = "dev",  # "dev" or "klein"
+                size: str = "tiny",  # "tiny" (tests) or "small" (tens of millions of parameters: learns visibly)
+                **overrides,  # any Config key
+               ) -> Config:
+    "A small, fast Config: flux2-tiny + the sample dataset at 64 px under `workdir` (tests, demos, tutorials)."
+    from flux2_kit.sample import sample_dataset
+    workdir = Path(workdir).resolve(); workdir.mkdir(parents=True, exist_ok=True)
+    data = sample_dataset(workdir / "datasets")
+    names = ("chelsea", "coffee", "astronaut", "rocket")
+    raw = dict(model_family="flux2", model_type="lora", model_flavour="dev" if flavour == "dev" else "klein-4b",
+               pretrained_model_name_or_path=f"flux2-{size}:{flavour}", output_dir=str(workdir / "output"),
+               train_batch_size=1, learning_rate=1e-3, lr_scheduler="constant", max_train_steps=6, seed=0,
+               validation_resolution="64x64", validation_num_inference_steps=2, validation_guidance=4.0,
+               validation_steps=0, lora_rank=4, flux_lora_target="all", tokenizer_max_length=128,
+               checkpointing_steps=0, checkpoints_total_limit=2, max_grad_norm=1.0, vae_batch_size=4, report_to="none",
+               mixed_precision="no", base_model_default_dtype="fp32")
+    raw.update(overrides)
+    datasets = raw.pop("datasets", None) or [
+        dict(id="sample", type="local", instance_data_dir=str(data), caption_strategy="textfile", crop=True,
+             crop_aspect="square", crop_style="center", resolution=64, resolution_type="pixel_area",
+             minimum_image_size=32, cache_dir_vae=str(workdir / "cache" / "vae"), metadata_backend="discovery",
+             max_num_samples=len(names)),
+        dict(id="text-embeds", type="local", dataset_type="text_embeds", default=True,
+             cache_dir=str(workdir / "cache" / "text"), write_batch_size=16)]
+    (workdir / "multidatabackend.json").write_text(json.dumps(datasets, indent=1))
+    prompts = raw.pop("prompt_library", None) or {"cat": "a ginger cat", "cup": "a cup of coffee"}
+    (workdir / "user_prompt_library.json").write_text(json.dumps(prompts, indent=1))
+    raw.update(data_backend_config=str(workdir / "multidatabackend.json"),
+               user_prompt_library=str(workdir / "user_prompt_library.json"))
+    return load_config(raw, base_dir=workdir)

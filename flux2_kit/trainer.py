@@ -14,8 +14,8 @@ from .runlog import RunDir, preview_image_name, stable_hash
 
 # %% auto #0
 __all__ = ['EVENTS', 'DEFAULT_CALLBACKS', 'OOM_ADVICE', 'CancelStepException', 'CancelEpochException', 'CancelFitException',
-           'TrainingError', 'Callback', 'run_callbacks', 'Trainer', 'tiny_config', 'MixedSampler', 'ProgressCB',
-           'RunDirCB', 'NonFiniteCB', 'CheckpointCB', 'PreviewCB', 'ControlCB', 'TrackerCB']
+           'TrainingError', 'Callback', 'run_callbacks', 'Trainer', 'MixedSampler', 'ProgressCB', 'RunDirCB',
+           'NonFiniteCB', 'CheckpointCB', 'PreviewCB', 'ControlCB', 'TrackerCB']
 
 # %% ../nbs/11_trainer.ipynb #6bc7b1eb
 class CancelStepException(Exception): "Raised in `before_step` to skip this micro-batch."
@@ -129,39 +129,6 @@ def strategy(self: Trainer) -> str:
     if self._strategy is None:
         self._strategy = "fsdp2" if self.cfg.fsdp_enable and self.accelerator.num_processes > 1 else "ddp"
     return self._strategy
-
-# %% ../nbs/11_trainer.ipynb #ce9e209f
-def tiny_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
-                flavour: str = "dev",  # "dev" or "klein"
-                size: str = "tiny",  # "tiny" (tests) or "small" (tens of millions of parameters: learns visibly)
-                **overrides,  # any Config key
-               ) -> Config:
-    "A small, fast Config: flux2-tiny + the sample dataset at 64 px under `workdir` (tests, demos, tutorials)."
-    from flux2_kit.sample import sample_dataset
-    workdir = Path(workdir).resolve(); workdir.mkdir(parents=True, exist_ok=True)
-    data = sample_dataset(workdir / "datasets")
-    names = ("chelsea", "coffee", "astronaut", "rocket")
-    raw = dict(model_family="flux2", model_type="lora", model_flavour="dev" if flavour == "dev" else "klein-4b",
-               pretrained_model_name_or_path=f"flux2-{size}:{flavour}", output_dir=str(workdir / "output"),
-               train_batch_size=1, learning_rate=1e-3, lr_scheduler="constant", max_train_steps=6, seed=0,
-               validation_resolution="64x64", validation_num_inference_steps=2, validation_guidance=4.0,
-               validation_steps=0, lora_rank=4, flux_lora_target="all", tokenizer_max_length=128,
-               checkpointing_steps=0, checkpoints_total_limit=2, max_grad_norm=1.0, vae_batch_size=4, report_to="none",
-               mixed_precision="no", base_model_default_dtype="fp32")
-    raw.update(overrides)
-    datasets = raw.pop("datasets", None) or [
-        dict(id="sample", type="local", instance_data_dir=str(data), caption_strategy="textfile", crop=True,
-             crop_aspect="square", crop_style="center", resolution=64, resolution_type="pixel_area",
-             minimum_image_size=32, cache_dir_vae=str(workdir / "cache" / "vae"), metadata_backend="discovery",
-             max_num_samples=len(names)),
-        dict(id="text-embeds", type="local", dataset_type="text_embeds", default=True,
-             cache_dir=str(workdir / "cache" / "text"), write_batch_size=16)]
-    (workdir / "multidatabackend.json").write_text(json.dumps(datasets, indent=1))
-    prompts = raw.pop("prompt_library", None) or {"cat": "a ginger cat", "cup": "a cup of coffee"}
-    (workdir / "user_prompt_library.json").write_text(json.dumps(prompts, indent=1))
-    raw.update(data_backend_config=str(workdir / "multidatabackend.json"),
-               user_prompt_library=str(workdir / "user_prompt_library.json"))
-    return load_config(raw, base_dir=workdir)
 
 # %% ../nbs/11_trainer.ipynb #927fc8d3
 @patch

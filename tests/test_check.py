@@ -10,7 +10,8 @@ from flux2_kit.cli import main
 from flux2_kit.config import ConfigError, load_config
 from flux2_kit.runlog import read_events
 from flux2_kit.sample import sample_dataset
-from flux2_kit.trainer import Callback, Trainer, tiny_config
+from flux2_kit.trainer import Callback, Trainer
+from flux2_kit.tiny import tiny_config
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 

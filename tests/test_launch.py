@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from flux2_kit.distributed import LaunchError, full_lora_state_dict, fsdp2_shard
 from flux2_kit.launch import check_port, launch
 from flux2_kit.check import CheckError
-from flux2_kit.trainer import Callback, tiny_config
+from flux2_kit.trainer import Callback
+from flux2_kit.tiny import tiny_config
 
 LORA = "pytorch_lora_weights.safetensors"
 # 2 processes x batch 1 vs 1 process x batch 2, same seed, 3 AdamW steps at lr 1e-3: the data order and the noise are

@@ -429,7 +429,7 @@ def test_dashboard_steers_a_real_two_process_run(tmp_path):
     "`launch(num_processes=2, block=False)` (gloo): loss, grid, a guidance preview, pause/resume, stop, render after."
     from flux2_kit.checkpoint import latest_checkpoint, load_checkpoint
     from flux2_kit.launch import launch
-    from flux2_kit.trainer import tiny_config
+    from flux2_kit.tiny import tiny_config
     cfg = tiny_config(tmp_path, validation_steps=5, checkpointing_steps=20, checkpoints_total_limit=2,
                       max_train_steps=100000)
     cfg.save(tmp_path / "config.json")
@@ -502,7 +502,7 @@ def test_sigkilled_run_is_seen_dead_and_preview_falls_back_to_its_checkpoint(tmp
     import signal
     from flux2_kit.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
     from flux2_kit.runlog import read_events
-    from flux2_kit.trainer import tiny_config
+    from flux2_kit.tiny import tiny_config
     wd = tmp_path / "k"
     over = dict(max_train_steps=400, checkpointing_steps=2, checkpoints_total_limit=1)
     cfg = tiny_config(wd, **over)

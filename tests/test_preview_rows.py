@@ -5,7 +5,8 @@ import pytest
 from flux2_kit.lora import unwrap_model
 from flux2_kit.panels import ValidationGrid, checkpoint_renderer
 from flux2_kit.runlog import read_events, request_preview
-from flux2_kit.trainer import Callback, Trainer, tiny_config
+from flux2_kit.trainer import Callback, Trainer
+from flux2_kit.tiny import tiny_config
 
 arr = lambda im: np.asarray(im, dtype=float)
 

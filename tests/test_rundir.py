@@ -8,7 +8,8 @@ from flux2_kit.check import CheckError
 from flux2_kit.checkpoint import list_checkpoints, read_checkpoint_meta
 from flux2_kit.config import ConfigError
 from flux2_kit.runlog import RunDir, read_events
-from flux2_kit.trainer import Callback, Trainer, tiny_config
+from flux2_kit.trainer import Callback, Trainer
+from flux2_kit.tiny import tiny_config
 
 HERE = Path(__file__).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -171,7 +172,8 @@ def test_a_failed_save_is_reported_at_the_step_it_saved(tmp_path):
     t = Trainer(cfg.replace(output_dir=str(wd / "warm")), progress=False); t.cache(); t.finish()  # caches: written by now
     code = f"""
 import resource, signal
-from flux2_kit.trainer import Trainer, tiny_config, TrainingError
+from flux2_kit.trainer import Trainer, TrainingError
+from flux2_kit.tiny import tiny_config
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 t = Trainer(tiny_config({str(wd)!r}, max_train_steps=3, checkpointing_steps=2), progress=False)

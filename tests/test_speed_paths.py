@@ -113,7 +113,8 @@ _RUNS = iter(range(10**6))
 
 def _trainer(workdir, **kw):
     "A Trainer on the shared data and caches of `workdir`, in an output_dir of its own (one run per directory)."
-    from flux2_kit.trainer import Trainer, tiny_config
+    from flux2_kit.trainer import Trainer
+    from flux2_kit.tiny import tiny_config
     return Trainer(tiny_config(workdir, output_dir=str(workdir / f"output-{next(_RUNS)}"), **kw), default_callbacks=False,
                    progress=False)
 

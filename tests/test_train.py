@@ -105,7 +105,8 @@ def test_two_gloo_processes_agree_and_skip_nan_together(tmp_path, tiny_dev):
 
 # --- Trainer data order: stopping at a step limit must not consume a sampled batch ---------------------------------
 def _trainer(workdir, **kw):
-    from flux2_kit.trainer import Trainer, tiny_config
+    from flux2_kit.trainer import Trainer
+    from flux2_kit.tiny import tiny_config
     return Trainer(tiny_config(workdir, **kw), default_callbacks=False, progress=False)
 
 

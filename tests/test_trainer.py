@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from flux2_kit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from flux2_kit.runlog import read_events
-from flux2_kit.trainer import Callback, Trainer, TrainingError, tiny_config
+from flux2_kit.trainer import Callback, Trainer, TrainingError
+from flux2_kit.tiny import tiny_config
 
 HERE = Path(__file__).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

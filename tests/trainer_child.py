@@ -13,7 +13,8 @@ def main(spec_path):
     spec = json.loads(Path(spec_path).read_text())
     import torch
     from safetensors.torch import save_file
-    from flux2_kit.trainer import Callback, CancelFitException, Trainer, tiny_config
+    from flux2_kit.trainer import Callback, CancelFitException, Trainer
+    from flux2_kit.tiny import tiny_config
     from flux2_kit.lora import lora_state_dict
 
     class Record(Callback):
