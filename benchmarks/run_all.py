@@ -310,7 +310,7 @@ def bench_cache(ctx, args):
             stats_ = [c.stats for c in [t.text_cache, *t.latent_caches.values()]]
             if kind == "miss": assert all(s.misses > 0 for s in stats_), stats_; miss.append(t_cache); miss_all.append(t_load + t_cache)
             else: assert all(s.misses == 0 for s in stats_), stats_; hit.append(t_cache); hit_all.append(t_load + t_cache)
-            del t; trim()
+            t.finish(); del t; trim()  # finish: the next Trainer may take the run directory
     return [Row("cache hit vs miss: Trainer.cache()", "miss", miss, "hit", hit, note="encoders loaded beforehand"),
             Row("cache hit vs miss: load_encoders + cache()", "miss", miss_all, "hit", hit_all,
                 note="what a restarted run waits for")]
