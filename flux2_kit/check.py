@@ -208,6 +208,7 @@ def check_settings(cfg: Config) -> list:
         out.append(Problem("note", "'validation_negative_prompt' is not used by FLUX.2-dev previews: dev is guidance-"
                            "distilled and has no classifier-free guidance (klein previews use it)",
                            "validation_negative_prompt", cfg.validation_negative_prompt, cfg.source))
+    if cfg.model_type == "full": out += _check_full(cfg)
     if cfg.optimizer == "adamw_bf16" and cfg.model_type == "lora":
         out.append(Problem("note", "'optimizer' = 'adamw_bf16': a LoRA's weights are fp32 here (peft keeps them so over a "
                            "bf16 base), so this is plain AdamW; stochastic bf16 rounding applies to bf16 weights",
@@ -221,6 +222,23 @@ def check_settings(cfg: Config) -> list:
         from flux2_kit.train import tracker_kwargs
         try: tracker_kwargs(cfg)  # the Accelerator's own check, made before it is
         except ConfigError as e: out.append(Problem("error", e.msg, e.key, e.value, cfg.source))
+    return out
+
+# %% ../nbs/11a_check.ipynb #b83b0b5a
+def _check_full(cfg: Config) -> list:
+    "model_type 'full': what a full fine-tune needs, and the LoRA keys it does not use."
+    out, weights = [], cfg.base_model_precision if cfg.base_model_precision != "no_change" else cfg.base_model_default_dtype
+    if cfg.base_model_precision.endswith("-quanto"):
+        out.append(Problem("error", f"'model_type' = 'full' trains every weight, so they cannot be quantised: set "
+                           f"base_model_precision to 'bf16' (or 'no_change'), not {cfg.base_model_precision!r}",
+                           "base_model_precision", cfg.base_model_precision, cfg.source))
+    elif weights in ("bf16", "fp16") and cfg.optimizer != "adamw_bf16":
+        out.append(Problem("warning", f"a full fine-tune of {weights} weights with optimizer {cfg.optimizer!r} rounds away "
+                           "updates smaller than the weights' precision: use optimizer 'adamw_bf16' (stochastic rounding) or "
+                           "base_model_default_dtype 'fp32'", "optimizer", cfg.optimizer, cfg.source))
+    unused = [k for k in ("validation_lora_scales", "validation_model") if getattr(cfg, k)] + (["use_dora"] if cfg.use_dora else [])
+    if unused: out.append(Problem("note", f"{', '.join(map(repr, unused))}: not used by a full fine-tune (they need a LoRA)",
+                                  unused[0], getattr(cfg, unused[0]), cfg.source))
     return out
 
 # %% ../nbs/11a_check.ipynb #276dd6b2

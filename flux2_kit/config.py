@@ -126,7 +126,7 @@ TRACKERS = ("tensorboard", "wandb")  # report_to values besides "none" and "all"
 SKIP_DISCOVERY_STAGES = ("vae", "aspect", "text", "metadata")
 
 _CHOICES = {
-    "model_type": ("lora",), "model_family": ("flux2",), "model_flavour": FLAVOURS,
+    "model_type": ("lora", "full"), "model_family": ("flux2",), "model_flavour": FLAVOURS,
     "mixed_precision": ("no", "fp16", "bf16"), "lr_scheduler": LR_SCHEDULERS,
     "optimizer": ("adamw", "adamw8bit", "adamw_bf16"), "lora_type": ("lora", "lokr", "loha"),
     "lora_init_type": ("default", "gaussian", "olora", "pissa"),
@@ -233,7 +233,7 @@ def spec_id(spec) -> str:
 def _unsupported_value(name: str, value) -> str | None:
     "Why a SimpleTuner value is refused, or None."
     v = str(value)
-    if name == "model_type" and v == "full": return "flux2_kit trains LoRA adapters only"
+
     if name == "model_family": return "flux2_kit trains FLUX.2 only (model_family 'flux2')"
     if name == "lora_type" and v == "lycoris": return "use lora_type 'lokr' or 'loha' (peft's LoKr/LoHa adapters)"
     if name.endswith("_precision") and ("torchao" in v or "bnb" in v):
@@ -404,7 +404,7 @@ def parse_report_to(value: str,  # "none" | "all" | "tensorboard" | "wandb" | "t
 @dataclass(frozen=True, repr=False)
 class _ModelKeys:
     "Config keys: model."
-    model_type: str = "lora"  # what is trained: "lora" only (SimpleTuner's "full" fine-tune is refused)
+    model_type: str = "lora"  # what is trained: "lora" (an adapter) | "full" (every transformer weight; exported as a diffusers transformer)
     model_family: str = "flux2"  # architecture: "flux2" only
     model_flavour: str = "dev"  # "dev" (Mistral-3 encoder, guidance embedding) | "klein-4b" | "klein-9b" (Qwen3, no guidance)
     pretrained_model_name_or_path: str | None = None  # hub id or diffusers folder; None: DEFAULT_MODEL_PATHS[flavour]; "flux2-tiny:dev"|"flux2-tiny:klein": flux2-tiny

@@ -58,6 +58,9 @@ def check_strategy(cfg: Config,  # the run's config
         raise LaunchError("enable_group_offload cannot be combined with multi-process training (the offload hooks move "
                           "weights behind DDP/FSDP/DeepSpeed): turn it off, or use strategy='fsdp2' on GPUs to spread memory")
     if strategy == "ddp": return dict(strategy="ddp")
+    if cfg.model_type == "full":
+        raise LaunchError(f"model_type='full' with strategy={strategy!r} is not supported (checkpoints would gather only "
+                          "LoRA shards): use strategy='ddp'")
     if strategy == "deepspeed" and not cuda:
         raise LaunchError(f"strategy={strategy!r} needs CUDA GPUs; this machine has none (accelerate would silently fall "
                           f"back to plain data parallel on CPU). Use strategy='ddp' or 'fsdp2' on CPU")
@@ -205,13 +208,16 @@ def sync_next_step(transformer, accelerator,
 def training_state(transformer, optimizer,
                    strategy: str = "ddp",
                    is_main: bool = True,  # rank 0 (the one that writes)
+                   full: bool = False,  # model_type "full": every weight of the transformer, not its LoRA
                   ) -> tuple | None:
-    "`(LoRA tensors, optimizer state)` for a checkpoint on rank 0 (None elsewhere); under FSDP2 every rank calls it (it gathers)."
+    "`(trained tensors, optimizer state)` for a checkpoint on rank 0 (None elsewhere); under FSDP2 every rank calls it (it gathers)."
     if strategy == "fsdp2": state = fsdp2_full_state(transformer, optimizer)
     elif not is_main: return None
     else:
-        from flux2_kit.lora import lora_state_dict
-        state = lora_state_dict(transformer), optimizer.state_dict()
+        from flux2_kit.lora import lora_state_dict, unwrap_model
+        weights = ({k: v.detach() for k, v in unwrap_model(transformer).state_dict().items()} if full
+                   else lora_state_dict(transformer))
+        state = weights, optimizer.state_dict()
     return state if is_main else None
 
 # %% ../nbs/16a_distributed.ipynb #17f5f277
@@ -221,9 +227,13 @@ def load_training_state(model,  # the bare transformer (unwrapped)
                         optimizer_state: dict,  # a checkpoint's optimizer state
                         strategy: str = "ddp",
                         where="checkpoint",  # named in errors
+                        full: bool = False,  # model_type "full": the tensors are the whole transformer's
                        ):
-    "Load a checkpoint's LoRA and optimizer state on every rank (FSDP2: each rank its shards)."
+    "Load a checkpoint's LoRA (or, `full`, every weight) and optimizer state on every rank (FSDP2: each rank its shards)."
     if strategy == "fsdp2": return fsdp2_load_full_state(model, optimizer, lora, optimizer_state, where=where)
+    if full:
+        model.load_state_dict(lora, strict=True)
+        return optimizer.load_state_dict(optimizer_state)
     from peft import set_peft_model_state_dict
     from flux2_kit.lora import adapter_name_of
     res = set_peft_model_state_dict(model, lora, adapter_name=adapter_name_of(model))

@@ -349,7 +349,7 @@ def flow_settings(self: Trainer):
 # %% ../nbs/11_trainer.ipynb #894ea7d8
 @patch
 def build_lora(self: Trainer):
-    "Load the transformer, add the LoRA, make optimizer + LR schedule, `accelerator.prepare` them; returns `LoraInfo`."
+    "Load the transformer, add the LoRA (model_type 'full': train every weight), make optimizer + LR schedule, `accelerator.prepare` them; returns the `LoraInfo` (None for a full fine-tune)."
     from flux2_kit.flow import make_generator
     from flux2_kit.lora import build_lora
     from flux2_kit.models import load_transformer
@@ -366,9 +366,10 @@ def build_lora(self: Trainer):
                           device=acc.device, quantize_via=c.quantize_via,
                           offload_during_startup=c.offload_during_startup or c.enable_group_offload, revision=c.revision)
     kind, target = c.lora_target
-    self.lora_info = build_lora(tr, target if kind == "preset" else target, rank=c.lora_rank,
-                                alpha=c.effective_lora_alpha, dropout=c.lora_dropout, lora_type=c.lora_type,
-                                init=True if c.lora_init_type == "default" else c.lora_init_type, use_dora=c.use_dora)
+    if c.model_type == "full": tr.requires_grad_(True)  # a full fine-tune: every weight trains, no adapter
+    else: self.lora_info = build_lora(tr, target, rank=c.lora_rank, alpha=c.effective_lora_alpha, dropout=c.lora_dropout,
+                                      lora_type=c.lora_type, use_dora=c.use_dora,
+                                      init=True if c.lora_init_type == "default" else c.lora_init_type)
     self.generator = make_generator(c.seed)  # the same stream on every rank: each takes its slice (`global_draws`)
     if c.tread_config:
         from flux2_kit.tread import enable_tread
@@ -573,20 +574,22 @@ def preview(self: Trainer,
     for g in values:
         row = render(g, scale=1.0 if scale is None else scale)
         images.update({preview_image_name(n, None if guidance is None else g, scale): im for n, im in row.items()})
+    full = c.model_type == "full"  # no adapter to switch off: the base model is what step 0 renders, or nothing
     if self.base_preview is None:  # the base model once per run; at step 0 a no-op adapter *is* the base model
-        same = guidance is None and scale is None and self.step == 0 and self.resumed_from is None and c.lora_init_type == "default"
-        self.base_preview = row if same else render(c.validation_guidance, use_lora=False)
+        same = (guidance is None and scale is None and self.step == 0 and self.resumed_from is None
+                and (full or c.lora_init_type == "default"))
+        self.base_preview = row if same else {} if full else render(c.validation_guidance, use_lora=False)
         images.update({preview_image_name(n, base=True): im for n, im in self.base_preview.items()})
     rows = None
     if guidance is None and scale is None:  # the scheduled preview: its grid, the strength sweep, the second model
-        rows = [("base = step 0" if row is self.base_preview else "base", self.base_preview)]
+        rows = [("base = step 0" if row is self.base_preview else "base", self.base_preview)] if self.base_preview else []
         if row is not self.base_preview: rows.append((f"step {self.step}", row))
-        for s in c.validation_lora_scales or []:
+        for s in [] if full else c.validation_lora_scales or []:
             if s == 1: continue
             ims = render(c.validation_guidance, scale=s)
             images.update({preview_image_name(n, scale=s): im for n, im in ims.items()})
             rows.append((f"step {self.step} x{s:g}", ims))
-        if c.validation_model: rows += _second_model_rows(self, images)
+        if c.validation_model and not full: rows += _second_model_rows(self, images)
     if not self.is_main: return {}
     if write:  # this step's grid only: memory and disk stay per step
         grid = None if rows is None else make_grid(rows, columns=list(prompts))
@@ -668,7 +671,7 @@ def resume_meta(self: Trainer) -> dict:
     src = str(c.model_path) if ":" in str(c.model_path) and not Path(str(c.model_path)).exists() else str(resolve_model_path(c.model_path))
     return dict(base_model=src, model_flavour=c.model_flavour, dataset_fingerprint=fp, lora_rank=c.lora_rank,
                 lora_alpha=float(c.effective_lora_alpha), lora_targets=list(self.lora_info.targets) if self.lora_info else [],
-                lora_type=c.lora_type, config_hash=stable_hash(c.to_dict()), run_id=self.claim.run_id)
+                lora_type=c.lora_type, model_type=c.model_type, config_hash=stable_hash(c.to_dict()), run_id=self.claim.run_id)
 
 # %% ../nbs/11_trainer.ipynb #bbbb7f96
 @patch
@@ -680,7 +683,8 @@ def save(self: Trainer) -> Path | None:
     rng = capture_rng({"flow": self.generator})
     opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
     sched = self.lr_scheduler.scheduler if hasattr(self.lr_scheduler, "scheduler") else self.lr_scheduler
-    state = distributed.training_state(self.transformer, opt, self.strategy, self.is_main)  # FSDP2: a collective
+    state = distributed.training_state(self.transformer, opt, self.strategy, self.is_main,  # FSDP2: a collective
+                                       full=self.cfg.model_type == "full")
     if state is None: return None  # only rank 0 writes
     lora, opt_state = state
     try: p = save_checkpoint(self.rundir.checkpoints_dir, self.step, lora,
@@ -723,7 +727,7 @@ def resume(self: Trainer,
                            f"strategy={self.strategy!r} run: resume with strategy={saved!r}, or start a new output_dir")
     opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
     distributed.load_training_state(unwrap_model(self.transformer), opt, ck["tensors"], ck["optimizer_state"],
-                                    self.strategy, where=path)
+                                    self.strategy, where=path, full=self.cfg.model_type == "full")
     sched = self.lr_scheduler.scheduler if hasattr(self.lr_scheduler, "scheduler") else self.lr_scheduler
     sched.load_state_dict(ck["scheduler_state"])
     self.data_sampler.load_state_dict(ck["sampler_state"])
@@ -736,19 +740,33 @@ def resume(self: Trainer,
 @patch
 def export(self: Trainer,
            formats=None,  # "diffusers", "comfyui", "kohya" (any of them); None: the config's lora_export_formats
-           out_dir=None,  # default: output_dir/lora
+           out_dir=None,  # default: output_dir/lora (a full fine-tune: output_dir/transformer)
           ) -> dict:
-    "Write the LoRA in each format to `output_dir/lora/` with a README.md load report (which file loads where); returns `{format: path}`."
+    "Write the LoRA in each format to `output_dir/lora/` with a README.md load report (which file loads where); a full fine-tune writes the diffusers transformer. Returns `{format: path}`."
     from flux2_kit.export import export_lora
     formats = self.cfg.lora_export_formats if formats is None else formats
     self.accelerator.wait_for_everyone()
     full = distributed.export_state(self.transformer, self.strategy)  # FSDP2: a collective, rank 0 writes
     if not self.is_main: return {}
-    out = Path(out_dir) if out_dir is not None else self.rundir.lora_dir
-    res = export_lora(self.transformer, out, formats=formats, state_dict=full)
-    self.rundir.log_event("message", text=f"exported LoRA: {', '.join(str(p) for p in res.values())}",
+    if self.cfg.model_type == "full": res = {"transformer": _export_transformer(self, out_dir)}
+    else: res = export_lora(self.transformer, Path(out_dir) if out_dir else self.rundir.lora_dir, formats=formats, state_dict=full)
+    self.rundir.log_event("message", text=f"exported: {', '.join(str(p) for p in res.values())}",
                           exports={k: str(v) for k, v in res.items()})
     return res
+
+def _export_transformer(self: Trainer, out_dir=None) -> Path:
+    "A full fine-tune's transformer in the diffusers layout (`Flux2Transformer2DModel.from_pretrained(path)`), written whole or not at all."
+    import shutil, tempfile
+    from flux2_kit.lora import unwrap_model
+    out = Path(out_dir) if out_dir is not None else self.rundir.root / "transformer"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        unwrap_model(self.transformer).save_pretrained(tmp, safe_serialization=True)
+        if out.exists(): shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 # %% ../nbs/11_trainer.ipynb #d860aa20
 class ProgressCB(Callback):

@@ -135,7 +135,7 @@ BROKEN = {  # name: (changes to the quickstart config, text the error must conta
     "bad tread ratio": ({"tread_config": {"routes": [{"selection_ratio": 1.2, "start_layer_idx": 2, "end_layer_idx": -2}]}},
                         "selection_ratio = 1.2 is out of range: must be >= 0 and < 1"),
     "lora target typo": ({"--flux_lora_target": "atention"}, "did you mean 'attention'?"),
-    "full fine-tune": ({"model_type": "full"}, "LoRA adapters only"),
+    "model type": ({"model_type": "dreambooth"}, "'model_type' = 'dreambooth' is not one of 'lora', 'full'"),
     "missing dataset file": ({"data_backend_config": "config/multidatabackend.json"},
                              "'data_backend_config' = 'config/multidatabackend.json': file not found"),
     "no steps": ({"max_train_steps": 0, "num_train_epochs": 0}, "set one of them"),
