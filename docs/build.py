@@ -12,7 +12,7 @@ notebooks with tools from PyPI:
    then the source, folded) so the code stays visible;
 4. `show_doc` output is inlined as markdown (Quarto's `output: asis`), exported source folds (`code-fold`), nbdev's
    doc links become links between pages, and Sphinx (myst-nb, furo theme) writes the HTML with nbdev's page names
-   (`00_tiny.ipynb` -> `tiny.html`) and Pandoc's heading anchors (`tiny.html#flux2_tiny`).
+   (`07_tiny.ipynb` -> `tiny.html`) and Pandoc's heading anchors (`tiny.html#flux2_tiny`).
 
 usage: python docs/build.py [NOTEBOOK_OR_GLOB ...] [--no-exec] [--complete] [--out site] [--workers N] [--force] [--strict]
 Paths are relative to the current folder.
@@ -60,7 +60,7 @@ def select_notebooks(patterns: list[str]) -> list[Path]:
 
 
 def page_name(nb: Path) -> Path:
-    "The page path nbdev/Quarto give a notebook, relative to nbs/, without suffix (`00_tiny.ipynb` -> `tiny`)."
+    "The page path nbdev/Quarto give a notebook, relative to nbs/, without suffix (`07_tiny.ipynb` -> `tiny`)."
     from nbdev.doclinks import _nbpath2html
     rel = nb.relative_to(_cfg().nbs_path.resolve())
     return _nbpath2html(rel).with_suffix("")

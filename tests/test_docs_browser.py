@@ -1,6 +1,6 @@
 """The docs site in a real browser: Debian's Chromium driven by Playwright, against the site docs/build.py writes.
 
-The site is built from nbs/index.ipynb, nbs/00_tiny.ipynb, nbs/01_sample.ipynb and nbs/tutorials/flux2_tiny.ipynb,
+The site is built from nbs/index.ipynb, nbs/07_tiny.ipynb, nbs/04_sample.ipynb and nbs/tutorials/flux2_tiny.ipynb,
 executed, plus every other notebook as a structural page (exports + show_doc: `--complete`), so every page exists and
 every link resolves (executed notebooks are cached under build/docs/exec, so a second run only re-renders; the build
 time is printed), or taken as it is from
@@ -18,7 +18,7 @@ import pytest
 from browser_util import ARGS, CHROMIUM, need as _need
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["nbs/index.ipynb", "nbs/00_tiny.ipynb", "nbs/01_sample.ipynb", "nbs/tutorials/flux2_tiny.ipynb"]
+NOTEBOOKS = ["nbs/index.ipynb", "nbs/07_tiny.ipynb", "nbs/04_sample.ipynb", "nbs/tutorials/flux2_tiny.ipynb"]
 SCREENS = ROOT / "build" / "docs_screens"
 
 
@@ -163,9 +163,9 @@ def test_api_page(page, server):
         assert h.count() == 1 and h.inner_text().strip().rstrip("#¶").strip() == sym, f"no show_doc heading for {sym}"
     code = _code_text(page)
     assert "def tiny_configs(\n    flavour:str='dev'" in code, "show_doc's signature is missing"
-    exported = _cells("nbs/00_tiny.ipynb", "export")
+    exported = _cells("nbs/07_tiny.ipynb", "export")
     assert len(exported) >= 5 and all(c in code for c in exported), "exported source is not shown"
-    _check_hidden(page, "nbs/00_tiny.ipynb")
+    _check_hidden(page, "nbs/07_tiny.ipynb")
     assert "default_exp" not in code
     folds = page.locator("article div.tag_hide-input details")
     assert folds.count() >= 5 and "Exported source" in folds.first.inner_text(), "exported source is not folded"
