@@ -8,7 +8,7 @@ import base64, json, math, os, random, re, shutil, sys, tempfile, time, warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
-from .runlog import fsync_dir, sha256_file, to_jsonable
+from .runlog import dirname_step, fsync_dir, sha256_file, step_dirname, to_jsonable
 
 # %% auto #0
 __all__ = ['FORMAT', 'MARKER', 'RESUME_KEYS', 'CheckpointError', 'checkpoint_name', 'checkpoint_step', 'check_finite',
@@ -19,7 +19,6 @@ __all__ = ['FORMAT', 'MARKER', 'RESUME_KEYS', 'CheckpointError', 'checkpoint_nam
 # %% ../nbs/10_checkpoint.ipynb #52748398
 FORMAT = "flux2_kit.checkpoint/1"
 MARKER = "COMPLETE"  # the manifest file; its presence (and validity) marks a committed checkpoint
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP = re.compile(r"^checkpoint-(\d+)\.tmp-[A-Za-z0-9_-]+$")
 
 class CheckpointError(RuntimeError):
@@ -27,16 +26,13 @@ class CheckpointError(RuntimeError):
 
 # %% ../nbs/10_checkpoint.ipynb #15fe2fd5
 def checkpoint_name(step: int) -> str:  # training step (>= 0)
-    "The folder name of the checkpoint at `step`: 'checkpoint-000100'."
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"checkpoint step must be an integer >= 0, got {step!r}")
-    return f"checkpoint-{step:06d}"
+    "The folder name of the checkpoint at `step`: 'checkpoint-000100' (runlog's `step_dirname` spells it)."
+    return step_dirname(step, "checkpoint")
 
 # %% ../nbs/10_checkpoint.ipynb #6745c63b
 def checkpoint_step(path: str | os.PathLike) -> int | None:  # a checkpoint folder (or its name)
     "The step in a committed checkpoint's folder name, or None if the name is not 'checkpoint-<digits>'."
-    m = _NAME.match(Path(path).name)
-    return int(m.group(1)) if m else None
+    return dirname_step(path, "checkpoint")
 
 # %% ../nbs/10_checkpoint.ipynb #aa236f57
 def _is_numpy(obj) -> bool:

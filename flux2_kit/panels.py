@@ -10,7 +10,7 @@ from pathlib import Path
 import ipywidgets as W
 from PIL import Image, ImageDraw
 from fastcore.basics import patch
-from .runlog import (BASE_PREFIX, RunDir, atomic_write_json, parse_preview_name,
+from .runlog import (BASE_PREFIX, RunDir, atomic_write_json, dirname_step, parse_preview_name,
                               request_preview, write_control)
 from .data import load_image
 from .buckets import BucketTable, make_buckets, prepare_datasets
@@ -19,9 +19,6 @@ from .config import Config, load_config
 # %% auto #0
 __all__ = ['GUIDANCE_KEYS', 'Panel', 'process_alive', 'TrainingMonitor', 'draw_crop', 'BucketInspector', 'scan_previews',
            'ValidationGrid', 'update_config_file', 'GuidancePanel', 'checkpoint_renderer', 'PlannerPanel', 'Dashboard']
-
-# %% ../nbs/25_panels.ipynb #30228092
-_STEP_DIR = re.compile(r"^step-(\d+)$")  # runlog.step_dirname's folders
 
 # %% ../nbs/25_panels.ipynb #a187309c
 def _png(img: Image.Image) -> bytes:
@@ -79,6 +76,7 @@ def _wrap() -> W.Layout:
 # %% ../nbs/25_panels.ipynb #d64ccc0a
 class Panel:
     "Base of the panels: follows `output_dir/events.jsonl`, shows handler and training errors, refreshes in a daemon thread."
+    stale_after = 600.0  # seconds without an event after which a run without run_end counts as stale (0: never)
     def __init__(self, output_dir: str | os.PathLike | None = None,  # the run directory (None: no run to follow)
                 ):
         self.run = RunDir(output_dir) if output_dir is not None else None
@@ -158,8 +156,6 @@ def process_alive(hostname: str | None,  # the host the process runs on (run.jso
     return True
 
 # %% ../nbs/25_panels.ipynb #bb7275ae
-Panel.stale_after = 600.0  # seconds without an event after which a run without run_end counts as stale (0: never)
-
 @patch
 def _track(self: Panel, ev: dict):  # one event, before `_event`
     "Follow whether a run is open (run_start without run_end), who writes it (run.json) and when it last wrote."
@@ -253,7 +249,10 @@ def stop(self: Panel, timeout: float = 5.0):  # seconds to wait for the thread
     if t is not None and t is not threading.current_thread(): t.join(timeout)
     self._thread = self._halt = None
 
-Panel.running = property(lambda self: self._thread is not None and self._thread.is_alive())
+@patch(as_prop=True)
+def running(self: Panel) -> bool:
+    "Is the background refresh thread running?"
+    return self._thread is not None and self._thread.is_alive()
 
 # %% ../nbs/25_panels.ipynb #a456ebb2
 class TrainingMonitor(Panel):
@@ -744,9 +743,9 @@ def scan_previews(previews_dir: str | os.PathLike,  # output_dir/previews
     out, root = {}, Path(previews_dir)
     if not root.is_dir(): return out
     for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if not m or not d.is_dir(): continue
-        e = out[int(m[1])] = dict(prompts={}, base={}, guidance={}, rows={}, grid=None)
+        step = dirname_step(d.name)
+        if step is None or not d.is_dir(): continue
+        e = out[step] = dict(prompts={}, base={}, guidance={}, rows={}, grid=None)
         for f in sorted(d.iterdir()):
             if f.suffix.lower() != ".png" or f.name.startswith("."): continue
             p = parse_preview_name(f.name)

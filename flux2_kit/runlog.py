@@ -15,8 +15,8 @@ __all__ = ['EVENT_TYPES', 'CONTROL_DEFAULTS', 'CONTROL_MAX_BYTES', 'MAX_PREVIEW_
            'stable_hash', 'clean_orphan_tmp', 'sha256_file', 'fsync_dir', 'atomic_write', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'make_event', 'EventWriter', 'EventReader', 'read_events',
            'ControlError', 'validate_control', 'read_control', 'write_control', 'request_preview', 'reset_control',
-           'ControlPoller', 'library_versions', 'step_dirname', 'RunDir', 'RunLockedError', 'preview_image_name',
-           'parse_preview_name', 'guidance_image_name']
+           'ControlPoller', 'library_versions', 'step_dirname', 'dirname_step', 'RunDir', 'RunLockedError',
+           'preview_image_name', 'parse_preview_name', 'guidance_image_name']
 
 # %% ../nbs/00_runlog.ipynb #b6f0e54c
 _PATH_NAME = re.compile(r"[^\W_][\w .+@-]{0,127}")
@@ -422,11 +422,20 @@ def library_versions(names=_VERSIONED,  # distribution names to report
     return out
 
 # %% ../nbs/00_runlog.ipynb #6cb99b69
-def step_dirname(step: int) -> str:  # training step
-    "The zero-padded folder name used for a step: 'step-000100'."
+def step_dirname(step: int,  # training step
+                 prefix: str = "step",  # "step" (previews/step-NNNNNN) or "checkpoint" (checkpoints/checkpoint-NNNNNN)
+                ) -> str:
+    "The zero-padded folder name of a step: 'step-000100', 'checkpoint-000100' (the one spelling of both)."
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    return f"step-{step:06d}"
+        raise ValueError(f"{prefix} step must be an integer >= 0, got {step!r}")
+    return f"{prefix}-{step:06d}"
+
+def dirname_step(name: str,  # a folder name (or path)
+                 prefix: str = "step",  # the prefix it must have
+                ) -> int | None:
+    "The step in a `step_dirname` folder name, or None when the name is not `<prefix>-<digits>`."
+    m = re.fullmatch(rf"{re.escape(prefix)}-(\d+)", Path(name).name)
+    return int(m[1]) if m else None
 
 # %% ../nbs/00_runlog.ipynb #54e0df95
 class RunDir:
