@@ -22,7 +22,7 @@ def child(tmp_path, name, workdir, **spec):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(pred, timeout=300):
+def wait_for(pred, timeout=300):  # like test_panels._until: each test file stays self-contained
     t0 = time.time()
     while time.time() - t0 < timeout:
         if pred(): return True
