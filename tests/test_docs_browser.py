@@ -1,6 +1,6 @@
 """The docs site in a real browser: Debian's Chromium driven by Playwright, against the site docs/build.py writes.
 
-The site is built from nbs/index.ipynb, nbs/07_tiny.ipynb, nbs/04_sample.ipynb and nbs/tutorials/flux2_tiny.ipynb,
+The site is built from nbs/index.ipynb, nbs/07_tiny.ipynb, nbs/05_sample.ipynb and nbs/tutorials/flux2_tiny.ipynb,
 executed, plus every other notebook as a structural page (exports + show_doc: `--complete`), so every page exists and
 every link resolves (executed notebooks are cached under build/docs/exec, so a second run only re-renders; the build
 time is printed), or taken as it is from
@@ -18,7 +18,7 @@ import pytest
 from browser_util import ARGS, CHROMIUM, need as _need
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["nbs/index.ipynb", "nbs/07_tiny.ipynb", "nbs/04_sample.ipynb", "nbs/tutorials/flux2_tiny.ipynb"]
+NOTEBOOKS = ["nbs/index.ipynb", "nbs/07_tiny.ipynb", "nbs/05_sample.ipynb", "nbs/tutorials/flux2_tiny.ipynb"]
 SCREENS = ROOT / "build" / "docs_screens"
 
 
