@@ -8,7 +8,7 @@ from flux2_kit.config import (Config, ConfigError, DatasetSpec, check_dataset_pa
                               load_databackend, load_prompt_library)
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK, TINY = ROOT / "examples/configs/quickstart", ROOT / "examples/configs/tiny"
+QUICK, TINY = ROOT / "examples/configs/simpletuner", ROOT / "examples/configs/tiny"
 
 
 def read(p): return json.loads(Path(p).read_text())
