@@ -440,6 +440,8 @@ def run_checks(cfg: Config,  # the run's config
               ) -> tuple[dict, CheckReport]:
     "Every check that loads no model and writes nothing; returns `({id: BucketTable}, report)` or raises `CheckError` listing every error."
     rep = check_config(cfg, device)
+    if any(p.level == "error" and p.key in ("instance_data_dir", "parquet") for p in rep.problems):
+        rep.raise_errors()  # a dataset folder is missing: scanning would only repeat it
     tables, data = check_data(cfg, num_processes)
     rep.datasets = data.datasets
     rep.add(*data.problems).raise_errors()

@@ -81,6 +81,7 @@ def test_config_mistakes_are_one_line_each_before_anything_loads(tmp_path):
     assert any("'pretrained_model_name_or_path' = 'models/flux2-dev': the folder" in l and "does not exist" in l for l in lines)
     assert any("'instance_data_dir' =" in l and "datasets/typo does not exist" in l for l in lines)
     assert any("'validation_resolution' = '8192'" in l for l in lines)
+    assert len(lines) == 3, err  # the missing folder is named once (its scan is not repeated)
     assert not (root / "output").exists()  # a refused run writes nothing
     code, _, err = cli(root, "train", "--debug", "--validation_resolution", "8192", "--quiet")
     assert code == 2 and "Traceback" in err
