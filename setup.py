@@ -24,7 +24,7 @@ setuptools.setup(
     license="Apache-2.0",
     keywords=cfg["keywords"].split(),
     url=cfg["git_url"],
-    packages=setuptools.find_packages(include=["flux2_kit", "flux2_kit.*"]),
+    packages=setuptools.find_packages(include=["flux2_kit", "flux2_kit.*"]) + ["flux2_kit.assets"],  # assets: data only (MANIFEST.in)
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=requirements,
