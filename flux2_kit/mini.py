@@ -10,7 +10,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['RESOLUTION', 'MAX_TEXT_LENGTH', 'TEXT_WIDTH', 'TEXT_EMBED_SCALE', 'PREVIEW_STEPS', 'PREVIEW_GUIDANCE', 'FULL_BUILD',
            'QUICK_BUILD', 'mini_configs', 'build_text_encoder', 'encode_captions', 'word_separation', 'load_folder',
-           'train_vae', 'calibrate_bn', 'reconstruct', 'train_transformer', 'model_card_text', 'build_flux2_mini']
+           'train_vae', 'calibrate_bn', 'reconstruct', 'train_transformer', 'model_card_text', 'build_flux2_mini',
+           'load_mini', 'generate', 'prompt_score', 'eval_specs', 'mini_config', 'lora_pipeline']
 
 # %% ../nbs/26_mini.ipynb #99cb381b
 RESOLUTION = 64  # training and default preview resolution (px)
@@ -73,7 +74,7 @@ def load_folder(root) -> tuple:
     pngs = sorted(Path(root).glob("*.png"))
     if not pngs: raise FileNotFoundError(f"no .png images in {root}")
     arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs])
-    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1  # NCHW memory: channels-last is slow here
     return pixels, [p.with_suffix(".txt").read_text().strip() for p in pngs]
 
 # %% ../nbs/26_mini.ipynb #80b36714
@@ -85,7 +86,7 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 # %% ../nbs/26_mini.ipynb #a2ac704c
 def train_vae(pixels,  # (N, 3, H, W) in [-1, 1]
-              steps: int = 4000, seed: int = 0, lr: float = 1e-3, batch_size: int = 16,
+              steps: int = 3000, seed: int = 0, lr: float = 1.5e-3, batch_size: int = 16,
               kl_weight: float = 1e-6,  # per latent element, beside the per-pixel loss
               log=None,  # called as log(step, l1) every 100 steps
              ) -> tuple:
@@ -107,8 +108,8 @@ def train_vae(pixels,  # (N, 3, H, W) in [-1, 1]
         l1 = (rec - x).abs().mean()
         loss = ((rec - x) ** 2).mean() + 0.1 * l1 + kl_weight * post.kl().mean() / post.mean[0].numel()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        losses.append(float(l1))
-        if log and step % 100 == 0: log(step, float(l1))
+        losses.append(l1.item())
+        if log and step % 100 == 0: log(step, losses[-1])
     return vae.eval(), losses
 
 # %% ../nbs/26_mini.ipynb #6dfa23e7
@@ -139,7 +140,7 @@ def reconstruct(vae, pixels):
 def train_transformer(latents,  # (N, 128, h, w) normalised, patchified latents
                       embeds,  # (C, L, 48) prompt embeddings of the distinct captions
                       caption_index,  # (N,) long: the row of `embeds` for each latent
-                      steps: int = 5000, seed: int = 0, lr: float = 1e-3, batch_size: int = 32,
+                      steps: int = 3000, seed: int = 0, lr: float = 1e-3, batch_size: int = 32,
                       log=None,  # called as log(step, mean loss of the last 100 steps) every 100 steps
                      ) -> tuple:
     "`(transformer, losses)`: flux2-mini's transformer trained from scratch by `flux2_kit.flow.flow_match_loss`."
@@ -157,7 +158,7 @@ def train_transformer(latents,  # (N, 128, h, w) normalised, patchified latents
         out = flow_match_loss(tr, dict(latents=latents[idx], prompt_embeds=embeds[caption_index[idx]]), g, settings)
         opt.zero_grad(set_to_none=True); out.loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0); opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         if log and step % 100 == 99: log(step + 1, sum(losses[-100:]) / 100)
     return tr.eval(), losses
 
@@ -206,7 +207,7 @@ def model_card_text(card: dict) -> str:
         "```", ""])
 
 # %% ../nbs/26_mini.ipynb #33b29589
-FULL_BUILD = dict(images=6000, vae_steps=4000, vae_batch_size=16, transformer_steps=5000, batch_size=32)
+FULL_BUILD = dict(images=6000, vae_steps=3000, vae_batch_size=16, transformer_steps=3000, batch_size=32)
 QUICK_BUILD = dict(images=48, vae_steps=3, vae_batch_size=4, transformer_steps=3, batch_size=8)
 
 # %% ../nbs/26_mini.ipynb #c94b3f4a
@@ -273,3 +274,81 @@ def build_flux2_mini(path,  # folder to write (must be empty or absent unless `o
     _save_pipeline(pipe, path, card, overwrite)
     log(f"flux2-mini written to {path} in {card['build_seconds']:.0f} s")
     return path
+
+# %% ../nbs/26_mini.ipynb #aaaa3bc8
+def load_mini(path=None,  # a flux2-mini folder (default: the packaged one, `flux2_kit.tiny.flux2_mini()`)
+             ):
+    "flux2-mini as a `Flux2Pipeline` in float32 on the CPU, progress bar off."
+    import torch
+    from diffusers import Flux2Pipeline
+    from flux2_kit.tiny import flux2_mini
+    pipe = Flux2Pipeline.from_pretrained(path or flux2_mini(), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+# %% ../nbs/26_mini.ipynb #f019daee
+def generate(pipe, captions, seed: int = 0, steps: int = PREVIEW_STEPS, guidance: float = PREVIEW_GUIDANCE,
+             lora_scale: float | None = None,  # a LoRA's strength (None: as loaded)
+             batch_size: int = 32) -> list:
+    "PIL images of `captions` at `RESOLUTION`, one seeded generator per batch (same seed, same pictures)."
+    import torch
+    images = []
+    for i in range(0, len(captions), batch_size):
+        kw = dict(attention_kwargs={"scale": float(lora_scale)}) if lora_scale is not None else {}
+        images += pipe(prompt=list(captions[i:i + batch_size]), height=RESOLUTION, width=RESOLUTION,
+                       num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=MAX_TEXT_LENGTH,
+                       generator=torch.Generator("cpu").manual_seed(seed + i), **kw).images
+    return images
+
+# %% ../nbs/26_mini.ipynb #daae3bea
+def prompt_score(pipe, specs, seed: int = 0, **kwargs) -> dict:
+    "The judge's accuracies (shape, colour, position, size, all, empty) of `pipe`'s pictures of `specs`."
+    from flux2_kit.judge import score
+    return score(generate(pipe, [s.caption() for s in specs], seed, **kwargs), specs)
+
+# %% ../nbs/26_mini.ipynb #38e7741b
+def eval_specs(n: int = 40, seed: int = 1000, shapes=None) -> list:
+    "Evaluation specs (a seed apart from the training renders'): pretraining shapes by default, or `shapes`."
+    from flux2_kit.shapes import PRETRAIN_SHAPES, make_specs
+    return make_specs(n, seed, tuple(shapes) if shapes else PRETRAIN_SHAPES)
+
+# %% ../nbs/26_mini.ipynb #21211a73
+def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
+                concept: str = "star",  # the held-back shape the LoRA learns
+                n: int = 12,  # pictures of it
+                **overrides,  # any Config key
+               ):
+    "A `Config` that trains a LoRA for `concept` on flux2-mini (the packaged model) with the Trainer."
+    from flux2_kit.config import load_config
+    from flux2_kit.shapes import concept_dataset
+    workdir = Path(workdir).resolve(); workdir.mkdir(parents=True, exist_ok=True)
+    data = concept_dataset(workdir / "datasets", shape=concept, n=n, size=RESOLUTION)
+    raw = dict(model_family="flux2", model_type="lora", model_flavour="dev", pretrained_model_name_or_path="flux2-mini:dev",
+               output_dir=str(workdir / "output"), train_batch_size=4, learning_rate=1e-3, lr_scheduler="constant",
+               max_train_steps=150, seed=0, validation_steps=0, validation_resolution=f"{RESOLUTION}x{RESOLUTION}",
+               validation_num_inference_steps=PREVIEW_STEPS, validation_guidance=PREVIEW_GUIDANCE, lora_rank=8,
+               flux_lora_target="all", tokenizer_max_length=MAX_TEXT_LENGTH, checkpointing_steps=0,
+               flux_guidance_mode="random-range", flux_guidance_min=1.0, flux_guidance_max=5.0,
+               max_grad_norm=1.0, vae_batch_size=16, report_to="none", mixed_precision="no", base_model_default_dtype="fp32")
+    raw.update(overrides)
+    datasets = [dict(id=concept, type="local", instance_data_dir=str(data), caption_strategy="textfile", crop=False,
+                     resolution=RESOLUTION, resolution_type="pixel_area", minimum_image_size=32,
+                     cache_dir_vae=str(workdir / "cache" / "vae"), metadata_backend="discovery"),
+                dict(id="text-embeds", type="local", dataset_type="text_embeds", default=True,
+                     cache_dir=str(workdir / "cache" / "text"), write_batch_size=16)]
+    (workdir / "multidatabackend.json").write_text(json.dumps(datasets, indent=1))
+    (workdir / "user_prompt_library.json").write_text(json.dumps({concept: f"a large red {concept} in the center on a white background"}, indent=1))
+    raw.update(data_backend_config=str(workdir / "multidatabackend.json"),
+               user_prompt_library=str(workdir / "user_prompt_library.json"))
+    return load_config(raw, base_dir=workdir)
+
+# %% ../nbs/26_mini.ipynb #376c1fdf
+def lora_pipeline(trainer, base=None):
+    "A `Flux2Pipeline` of flux2-mini's text encoder and VAE around the trainer's transformer (LoRA on, in memory)."
+    from diffusers import Flux2Pipeline
+    from flux2_kit.lora import unwrap_model
+    base = base or load_mini()
+    pipe = Flux2Pipeline(transformer=unwrap_model(trainer.transformer), vae=base.vae, text_encoder=base.text_encoder,
+                         tokenizer=base.tokenizer, scheduler=base.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
