@@ -201,7 +201,7 @@ def model_card_text(card: dict) -> str:
         f"{card['transformer_loss_last']:.4f}",
         f"- build time: {card['build_seconds']:.0f} s on {card['build_threads']} CPU threads", "",
         "```python", "import torch", "from diffusers import Flux2Pipeline",
-        "pipe = Flux2Pipeline.from_pretrained(path, torch_dtype=torch.float32)",
+        "pipe = Flux2Pipeline.from_pretrained(path, dtype=torch.float32)",
         f"image = pipe(\"{card['caption_example']}\", height={card['resolution']}, width={card['resolution']},",
         f"             num_inference_steps={card['num_inference_steps']}, max_sequence_length={card['max_text_length']}).images[0]",
         "```", ""])
@@ -282,7 +282,7 @@ def load_mini(path=None,  # a flux2-mini folder (default: the packaged one, `flu
     import torch
     from diffusers import Flux2Pipeline
     from flux2_kit.tiny import flux2_mini
-    pipe = Flux2Pipeline.from_pretrained(path or flux2_mini(), torch_dtype=torch.float32)
+    pipe = Flux2Pipeline.from_pretrained(path or flux2_mini(), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -312,7 +312,7 @@ def eval_specs(n: int = 40, seed: int = 1000, shapes=None) -> list:
     from flux2_kit.shapes import PRETRAIN_SHAPES, make_specs
     return make_specs(n, seed, tuple(shapes) if shapes else PRETRAIN_SHAPES)
 
-# %% ../nbs/26_mini.ipynb #21211a73
+# %% ../nbs/26_mini.ipynb #98f2ffd2
 def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
                 concept: str = "star",  # the held-back shape the LoRA learns
                 n: int = 12,  # pictures of it
@@ -342,7 +342,7 @@ def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (create
                user_prompt_library=str(workdir / "user_prompt_library.json"))
     return load_config(raw, base_dir=workdir)
 
-# %% ../nbs/26_mini.ipynb #376c1fdf
+# %% ../nbs/26_mini.ipynb #7bb1ae69
 def lora_pipeline(trainer, base=None):
     "A `Flux2Pipeline` of flux2-mini's text encoder and VAE around the trainer's transformer (LoRA on, in memory)."
     from diffusers import Flux2Pipeline
