@@ -42,7 +42,7 @@ def build_text_encoder(seed: int = 0):
     torch_.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(Mistral3Config(**mini_configs()["text_encoder"])).eval()
     with torch_.no_grad(): model.get_input_embeddings().weight.mul_(TEXT_EMBED_SCALE)
-    return model
+    return model.to(torch_.float16).to(torch_.float32)  # the values it is saved with (fp16): embeds are exact
 
 # %% ../nbs/26_mini.ipynb #f37fe7b9
 def encode_captions(text_encoder, tokenizer, captions, batch_size: int = 64, max_length: int = MAX_TEXT_LENGTH):
@@ -207,7 +207,7 @@ def model_card_text(card: dict) -> str:
         "```", ""])
 
 # %% ../nbs/26_mini.ipynb #33b29589
-FULL_BUILD = dict(images=6000, vae_steps=3000, vae_batch_size=16, transformer_steps=3000, batch_size=32)
+FULL_BUILD = dict(images=6000, vae_steps=2500, vae_batch_size=16, transformer_steps=4800, batch_size=32)
 QUICK_BUILD = dict(images=48, vae_steps=3, vae_batch_size=4, transformer_steps=3, batch_size=8)
 
 # %% ../nbs/26_mini.ipynb #c94b3f4a
