@@ -609,11 +609,12 @@ def _check_config(c: Config):
     if p is not None and not p.strip():
         raise ConfigError("'pretrained_model_name_or_path' is empty: give a hub id or folder, or null for the flavour's default",
                           "pretrained_model_name_or_path", p)
-    if p and p.startswith(TINY_PREFIX):
-        tiny = p[len(TINY_PREFIX):].split(":")[0]
-        if tiny not in ("dev", "klein") or (tiny == "dev") != (c.model_flavour == "dev"):
+    mini = bool(p) and p.startswith("flux2-mini:")  # the trained flux2-mini: one flavour, dev
+    if p and (p.startswith(TINY_PREFIX) or mini):
+        tiny = p.split(":")[1]
+        if tiny not in (("dev",) if mini else ("dev", "klein")) or (tiny == "dev") != (c.model_flavour == "dev"):
             raise ConfigError(f"'pretrained_model_name_or_path' = {p!r} does not fit 'model_flavour' = {c.model_flavour!r}: "
-                              "use 'flux2-tiny:dev' with dev and 'flux2-tiny:klein' with klein-4b/klein-9b",
+                              "use 'flux2-tiny:dev' (or 'flux2-mini:dev') with dev and 'flux2-tiny:klein' with klein-4b/klein-9b",
                               "pretrained_model_name_or_path", p)
     if c.validation_lora_scales is not None and not all(0 <= s <= 4 for s in c.validation_lora_scales):
         raise ConfigError(f"'validation_lora_scales' = {c.validation_lora_scales!r}: each strength must be >= 0 and <= 4 "

@@ -20,9 +20,9 @@ __all__ = ['FLAVOUR_FAMILY', 'TEXT_LAYERS', 'DTYPES', 'QUANTO', 'GROUP_OFFLOAD_T
            'rss_bytes']
 
 # %% ../nbs/08_models.ipynb #f6e04749
-def resolve_model_path(name: str | Path,  # local folder, hub id, or "flux2-tiny:dev" / "flux2-tiny:klein" / "flux2-small:dev" ...
+def resolve_model_path(name: str | Path,  # local folder, hub id, or "flux2-tiny:dev" / "flux2-tiny:klein" / "flux2-small:dev" / "flux2-mini:dev" ...
                       ) -> str | Path:
-    "A local folder for the `flux2-<size>:<flavour>` test models (built on first use); anything else unchanged."
+    "A local folder for the `flux2-<size>:<flavour>` test models (built on first use) and the packaged flux2-mini; anything else unchanged."
     s = str(name)
     if s.startswith(("flux2-tiny:", "flux2-small:")):
         from flux2_kit.tiny import flux2_tiny, FLAVOURS
@@ -32,9 +32,12 @@ def resolve_model_path(name: str | Path,  # local folder, hub id, or "flux2-tiny
         if flavour not in FLAVOURS:
             raise ValueError(f"model path {s!r}: flux2-{size} has flavours {FLAVOURS} (and 'klein-distilled'), e.g. 'flux2-{size}:dev'")
         return flux2_tiny(flavour, size, distilled=distilled)
+    if s.startswith("flux2-mini:"):  # the trained small model that ships in the package
+        from flux2_kit.tiny import flux2_mini
+        return flux2_mini(s.split(":", 1)[1])
     if s.startswith("flux2-") and ":" in s:
         raise ValueError(f"model path {s!r}: the built-in test models are 'flux2-tiny:<dev|klein>' and "
-                         f"'flux2-small:<dev|klein>'")
+                         f"'flux2-small:<dev|klein>' (random weights), and 'flux2-mini:dev' (trained)")
     return name
 
 # %% ../nbs/08_models.ipynb #29d49062

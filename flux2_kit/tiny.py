@@ -9,9 +9,9 @@ from pathlib import Path
 from .config import Config, default_home, load_config
 
 # %% auto #0
-__all__ = ['FLAVOURS', 'SIZES', 'TEXT_LAYERS', 'TEXT_DEPTH', 'QWEN3_CHAT_TEMPLATE', 'TINY_VERSION', 'tiny_configs',
-           'mistral_tokenizer', 'qwen_tokenizer', 'build_components', 'pipeline_class', 'build_flux2_tiny',
-           'flux2_tiny', 'tiny_config']
+__all__ = ['FLAVOURS', 'SIZES', 'TEXT_LAYERS', 'TEXT_DEPTH', 'QWEN3_CHAT_TEMPLATE', 'TINY_VERSION', 'MINI_FLAVOURS', 'MINI_DIR',
+           'tiny_configs', 'mistral_tokenizer', 'qwen_tokenizer', 'build_components', 'pipeline_class',
+           'build_flux2_tiny', 'flux2_tiny', 'flux2_mini', 'tiny_config']
 
 # %% ../nbs/07_tiny.ipynb #eba1fa47
 FLAVOURS = ("dev", "klein")
@@ -195,6 +195,23 @@ def flux2_tiny(flavour: str = "dev", size: str = "tiny", seed: int = 0, root=Non
     path = root / f"flux2-{size}-{flavour}{'-distilled' if distilled else ''}-s{seed}-v{TINY_VERSION}"
     if not (path / "model_index.json").exists(): build_flux2_tiny(path, flavour, size, seed, overwrite=True, distilled=distilled)
     return path
+
+# %% ../nbs/07_tiny.ipynb #f2a74de4
+MINI_FLAVOURS = ("dev",)
+
+def _assets_dir() -> Path:
+    import flux2_kit
+    return Path(flux2_kit.__file__).resolve().parent / "assets"
+
+MINI_DIR = _assets_dir() / "flux2-mini-dev"  # the packaged flux2-mini (dev); flux2_kit.mini.build_flux2_mini makes it
+
+def flux2_mini(flavour: str = "dev") -> Path:
+    "The packaged flux2-mini folder (diffusers layout): FLUX.2-dev's classes, small, trained on `flux2_kit.shapes`."
+    if flavour not in MINI_FLAVOURS: raise ValueError(f"flux2-mini flavour {flavour!r} is not one of {MINI_FLAVOURS}")
+    if not (MINI_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"flux2-mini is missing at {MINI_DIR}: rebuild it with "
+                                "`python examples/build_flux2_mini.py` (flux2_kit.mini.build_flux2_mini)")
+    return MINI_DIR
 
 # %% ../nbs/07_tiny.ipynb #1b5833f2
 def tiny_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
