@@ -172,6 +172,8 @@ def _save_pipeline(pipe, path: Path, card: dict, overwrite: bool) -> Path:
         pipe.transformer.to(torch.float16); pipe.text_encoder.to(torch.float16)
         pipe.save_pretrained(tmp, safe_serialization=True)
         pipe.transformer.to(torch.float32); pipe.text_encoder.to(torch.float32)
+        te = tmp / "text_encoder" / "config.json"  # stored fp16, loaded fp32: transformers reads `dtype` ("auto"), and a
+        te.write_text(te.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))  # stock from_pretrained then mixes none
         (tmp / "flux2_mini.json").write_text(json.dumps(card, indent=1))
         (tmp / "README.md").write_text(model_card_text(card))
         if path.exists() and overwrite: shutil.rmtree(path)

@@ -68,3 +68,13 @@ def test_lora_learns_a_held_back_shape(base, tmp_path):
     after_p, after_c = prompt_score(pipe, prior), prompt_score(pipe, concept)
     assert after_c["shape"] >= before_c["shape"] + CONCEPT_GAIN, (before_c, after_c)
     assert _mean(after_p) >= _mean(before_p) - PRIOR_DROP, (before_p, after_p)
+
+
+def test_stock_diffusers_loads_it_without_a_dtype():
+    "A user's plain `Flux2Pipeline.from_pretrained(folder)`: every component float32, so it runs on a CPU."
+    from diffusers import Flux2Pipeline
+    pipe = Flux2Pipeline.from_pretrained(flux2_mini())
+    assert {next(getattr(pipe, n).parameters()).dtype for n in ("transformer", "vae", "text_encoder")} == {torch.float32}
+    img = pipe(prompt="a large red square in the center on a white background", height=64, width=64,
+               num_inference_steps=4, max_sequence_length=64, generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (64, 64)
