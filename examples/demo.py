@@ -1,11 +1,11 @@
 """`make demo`: a LoRA on flux2-mini for a shape it has never seen, trained and scored in under a minute on a CPU.
 
 flux2-mini is the real FLUX.2-dev architecture (diffusers' Flux2Pipeline), small, and trained on procedurally drawn
-shapes — except stars and hearts, which were held back. The demo writes 12 pictures of stars with their captions,
+shapes — except stars and hearts, which were held back. The demo writes 12 pictures of hearts (and 24 of shapes it knew, so it keeps them) with their captions,
 writes SimpleTuner's three config files for them, trains a LoRA with flux2_kit's Trainer (previews of the base model
 and of the LoRA as it learns go into one grid), then loads the exported LoRA into a fresh diffusers pipeline and lets
-`flux2_kit.judge` say what the base model and the LoRA draw for star prompts — and for the shapes the model already
-knew, to show what the LoRA cost. (Measured: this LoRA draws few stars yet; see benchmarks/learn.py.)
+`flux2_kit.judge` say what the base model and the LoRA draw for heart prompts — and for the shapes the model already
+knew, to show what the LoRA cost. 
 
 usage: python examples/demo.py [WORKDIR] [STEPS]
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CONCEPT = "star"
-PROMPTS = {"red star": "a large red star in the center on a white background",
-           "blue star": "a small blue star at the top left on a light blue background",
-           "yellow star": "a large yellow star at the bottom right on a black background",
+CONCEPT = "heart"
+PROMPTS = {"red heart": "a large red heart in the center on a white background",
+           "blue heart": "a large blue heart at the top left on a light blue background",
+           "yellow heart": "a large yellow heart at the bottom right on a black background",
            "green circle": "a large green circle in the center on a grey background"}  # a shape it knew: kept?
 
 
@@ -27,9 +27,9 @@ def main(workdir="runs/demo", steps=None):
     from flux2_kit.mini import eval_specs, load_mini, lora_pipeline, mini_config, prompt_score
     t0 = time.time()
     workdir = Path(workdir).resolve()
-    over = dict(overwrite_output_dir=True, validation_steps=50, checkpointing_steps=100, checkpoints_total_limit=2)
+    over = dict(overwrite_output_dir=True, validation_steps=200, checkpointing_steps=300, checkpoints_total_limit=2)
     if steps: over["max_train_steps"] = int(steps)
-    cfg = mini_config(workdir, CONCEPT, **over)  # SimpleTuner's files for 12 star pictures; then our prompts:
+    cfg = mini_config(workdir, CONCEPT, **over)  # SimpleTuner's files: 12 hearts + 24 known shapes; our prompts:
     (workdir / "user_prompt_library.json").write_text(json.dumps(PROMPTS, indent=1))
     cfg = dataclasses.replace(cfg, prompt_library=load_prompt_library(workdir / "user_prompt_library.json"))
     t = Trainer(cfg)
@@ -46,8 +46,8 @@ def main(workdir="runs/demo", steps=None):
     base = load_mini()
     fresh = load_mini()
     fresh.load_lora_weights(str(out / "lora"), weight_name="pytorch_lora_weights.safetensors")
-    prior, concept = eval_specs(16, 1000), eval_specs(16, 2000, shapes=(CONCEPT,))
-    print(f"\nthe judge (flux2_kit.judge) on 16 {CONCEPT} prompts and 16 prompts of shapes flux2-mini knew;")
+    prior, concept = eval_specs(40, 1000), eval_specs(24, 2000, shapes=(CONCEPT,))  # benchmarks/learn.py's sets
+    print(f"\nthe judge (flux2_kit.judge) on 24 {CONCEPT} prompts and 40 prompts of shapes flux2-mini knew;")
     print("the LoRA is the exported file loaded into a fresh diffusers Flux2Pipeline:")
     print(f"  {'':<12}{CONCEPT + ' drawn':>14}{'prior: shape':>14}{'colour':>8}{'position':>10}")
     for label, pipe in (("base", base), ("with LoRA", fresh)):

@@ -316,19 +316,20 @@ def eval_specs(n: int = 40, seed: int = 1000, shapes=None) -> list:
 
 # %% ../nbs/26_mini.ipynb #98f2ffd2
 def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (created)
-                concept: str = "star",  # the held-back shape the LoRA learns
+                concept: str = "heart",  # the held-back shape the LoRA learns
                 n: int = 12,  # pictures of it
+                known: int = 24,  # pictures of shapes the model knew, as a second dataset (prior preservation); 0: none
                 **overrides,  # any Config key
                ):
     "A `Config` that trains a LoRA for `concept` on flux2-mini (the packaged model) with the Trainer."
     from flux2_kit.config import load_config
-    from flux2_kit.shapes import concept_dataset
+    from flux2_kit.shapes import concept_dataset, shapes_dataset
     workdir = Path(workdir).resolve(); workdir.mkdir(parents=True, exist_ok=True)
     data = concept_dataset(workdir / "datasets", shape=concept, n=n, size=RESOLUTION)
     raw = dict(model_family="flux2", model_type="lora", model_flavour="dev", pretrained_model_name_or_path="flux2-mini:dev",
-               output_dir=str(workdir / "output"), train_batch_size=4, learning_rate=1e-3, lr_scheduler="constant",
-               max_train_steps=150, seed=0, validation_steps=0, validation_resolution=f"{RESOLUTION}x{RESOLUTION}",
-               validation_num_inference_steps=PREVIEW_STEPS, validation_guidance=PREVIEW_GUIDANCE, lora_rank=8,
+               output_dir=str(workdir / "output"), train_batch_size=4, learning_rate=3e-3, lr_scheduler="constant",
+               max_train_steps=600, seed=0, validation_steps=0, validation_resolution=f"{RESOLUTION}x{RESOLUTION}",
+               validation_num_inference_steps=PREVIEW_STEPS, validation_guidance=PREVIEW_GUIDANCE, lora_rank=16, lora_alpha=16,
                flux_lora_target="all", tokenizer_max_length=MAX_TEXT_LENGTH, checkpointing_steps=0,
                flux_guidance_mode="random-range", flux_guidance_min=1.0, flux_guidance_max=5.0,
                max_grad_norm=1.0, vae_batch_size=16, report_to="none", mixed_precision="no", base_model_default_dtype="fp32")
@@ -336,6 +337,10 @@ def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (create
     datasets = [dict(id=concept, type="local", instance_data_dir=str(data), caption_strategy="textfile", crop=False,
                      resolution=RESOLUTION, resolution_type="pixel_area", minimum_image_size=32,
                      cache_dir_vae=str(workdir / "cache" / "vae"), metadata_backend="discovery"),
+                *([dict(id="known", type="local", caption_strategy="textfile", crop=False, resolution=RESOLUTION,
+                        resolution_type="pixel_area", minimum_image_size=32, metadata_backend="discovery",
+                        instance_data_dir=str(shapes_dataset(workdir / "datasets", n=known, size=RESOLUTION, seed=777)),
+                        cache_dir_vae=str(workdir / "cache" / "vae-known"))] if known else []),
                 dict(id="text-embeds", type="local", dataset_type="text_embeds", default=True,
                      cache_dir=str(workdir / "cache" / "text"), write_batch_size=16)]
     (workdir / "multidatabackend.json").write_text(json.dumps(datasets, indent=1))

@@ -9,11 +9,11 @@ from flux2_kit.tiny import MINI_DIR, flux2_mini
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured on the packaged weights (benchmarks/learn.py, 32 prompts): shape 0.75, colour 0.88, position 1.00;
-# the LoRA below (40 + 24 prompts): star prompts' shape accuracy 0.04 -> 0.21, prior -10.8 points.
+# the LoRA below (40 + 24 prompts): heart prompts' shape accuracy 0.04 -> 0.38, prior -0.8 points.
 BASE_MIN = dict(shape=0.5, colour=0.6, position=0.8)
-LORA = dict(max_train_steps=150, lora_rank=8, lora_alpha=8, learning_rate=1e-3, train_batch_size=4)
-CONCEPT_GAIN = 0.1  # the LoRA raises the star prompts' shape accuracy by at least this
-PRIOR_DROP = 0.20  # and costs the pretraining prompts at most this (mean shape/colour/position); the issue asks 0.10: not met yet
+LORA = dict()  # mini_config's recipe: 600 steps, rank 16, lr 3e-3, 24 known-shape pictures beside the 12 hearts
+CONCEPT_GAIN = 0.2  # the LoRA raises the heart prompts' shape accuracy by at least this (measured 0.04 -> 0.38)
+PRIOR_DROP = 0.10  # and costs the pretraining prompts at most this (mean shape/colour/position; measured -0.8 points)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,9 @@ def test_rebuild_quick(tmp_path):
 
 def test_lora_learns_a_held_back_shape(base, tmp_path):
     from flux2_kit import Trainer
-    prior, concept = eval_specs(40, seed=1000), eval_specs(24, seed=2000, shapes=("star",))  # benchmarks/learn.py's sets
+    prior, concept = eval_specs(40, seed=1000), eval_specs(24, seed=2000, shapes=("heart",))  # benchmarks/learn.py's sets
     before_p, before_c = prompt_score(base, prior), prompt_score(base, concept)
-    trainer = Trainer(mini_config(tmp_path, "star", **LORA))
+    trainer = Trainer(mini_config(tmp_path, "heart", **LORA))
     trainer.fit()
     pipe = lora_pipeline(trainer, base)
     after_p, after_c = prompt_score(pipe, prior), prompt_score(pipe, concept)
