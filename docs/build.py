@@ -336,6 +336,8 @@ def main(argv=None):
     pages = [page_name(p) for p in nbs]
     fix_anchors(pages_dir)
     add_navigation(pages_dir, pages)
+    if (cfg.nbs_path / "images").is_dir():  # pictures the pages link (e.g. the README's demo grid), at the same place
+        shutil.copytree(cfg.nbs_path / "images", pages_dir / "images", dirs_exist_ok=True)
     sphinx(pages_dir, out, a.strict)
     print(f"docs/build.py: {len(nbs)} pages in {out} ({time.time() - t0:.0f}s)")
 
