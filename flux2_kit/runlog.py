@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_runlog.ipynb #a7269604
 from __future__ import annotations
-import dataclasses, datetime, errno, hashlib, json, math, os, re, secrets, shutil, socket, stat, sys, threading, time
+import dataclasses, datetime, errno, hashlib, json, math, os, re, secrets, shutil, socket, stat, sys, tempfile, threading, time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from fastcore.basics import patch
@@ -13,10 +13,10 @@ from fastcore.basics import patch
 __all__ = ['EVENT_TYPES', 'CONTROL_DEFAULTS', 'CONTROL_MAX_BYTES', 'MAX_PREVIEW_GUIDANCE', 'LOCK_NAME', 'RUN_FILES',
            'BASE_PREFIX', 'GUIDANCE_SEP', 'SCALE_SEP', 'MODEL_PREFIX', 'is_path_name', 'slug', 'to_jsonable', 'dumps',
            'stable_hash', 'clean_orphan_tmp', 'sha256_file', 'fsync_dir', 'atomic_write', 'atomic_write_bytes',
-           'atomic_write_text', 'atomic_write_json', 'make_event', 'EventWriter', 'EventReader', 'read_events',
-           'ControlError', 'validate_control', 'read_control', 'write_control', 'request_preview', 'reset_control',
-           'ControlPoller', 'library_versions', 'step_dirname', 'dirname_step', 'RunDir', 'RunLockedError',
-           'preview_image_name', 'parse_preview_name', 'guidance_image_name']
+           'atomic_write_text', 'build_dir', 'atomic_write_json', 'make_event', 'EventWriter', 'EventReader',
+           'read_events', 'ControlError', 'validate_control', 'read_control', 'write_control', 'request_preview',
+           'reset_control', 'ControlPoller', 'library_versions', 'step_dirname', 'dirname_step', 'RunDir',
+           'RunLockedError', 'preview_image_name', 'parse_preview_name', 'guidance_image_name']
 
 # %% ../nbs/00_runlog.ipynb #b6f0e54c
 _PATH_NAME = re.compile(r"[^\W_][\w .+@-]{0,127}")
@@ -155,6 +155,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True)
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> Path:
     "Atomically replace `path` with UTF-8 `text`."
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+# %% ../nbs/00_runlog.ipynb #4732d69b
+def build_dir(path: str | os.PathLike,  # the folder to create (returned at once when `marker` is in it)
+              build: Callable,  # build(tmp_folder): writes the contents, `marker` included
+              marker: str,  # the file whose presence means the folder is complete
+             ) -> Path:
+    "Build a folder in a temp sibling and rename it into place, once (another process may win the race: keep theirs)."
+    path = Path(path)
+    if (path / marker).exists(): return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        build(tmp)
+        try: os.rename(tmp, path)
+        except OSError:
+            if not (path / marker).exists(): raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 # %% ../nbs/00_runlog.ipynb #62520133
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2, fsync: bool = True) -> Path:

@@ -50,17 +50,9 @@ def _package_file(package: str, name: str) -> Path:
 
 # %% ../nbs/05_sample.ipynb #17463f7c
 def _fresh_dir(path: Path, build) -> Path:
-    "Build a folder in a temp sibling and rename it into place (another process may win the race: keep theirs)."
-    if (path / "LICENSES.json").exists(): return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        build(tmp)
-        try: os.rename(tmp, path)
-        except OSError:
-            if not (path / "LICENSES.json").exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    "Build a folder in a temp sibling and rename it into place, once (`LICENSES.json` marks a complete one)."
+    from flux2_kit.runlog import build_dir
+    return build_dir(path, build, "LICENSES.json")
 
 # %% ../nbs/05_sample.ipynb #50b738d7
 def sample_dataset(root=None,  # parent folder (default: `default_home()/datasets`)

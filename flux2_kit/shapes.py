@@ -171,17 +171,9 @@ def caption_grid(images,  # PIL images (any sizes; each is scaled to `cell` px)
 
 # %% ../nbs/04_shapes.ipynb #93a5e41e
 def _fresh_dir(path: Path, build) -> Path:
-    "Build a folder in a temp sibling and rename it into place (another process may win the race: keep theirs)."
-    if (path / "specs.jsonl").exists(): return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        build(tmp)
-        try: os.rename(tmp, path)
-        except OSError:
-            if not (path / "specs.jsonl").exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    "Build a folder in a temp sibling and rename it into place, once (`specs.jsonl` marks a complete one)."
+    from flux2_kit.runlog import build_dir
+    return build_dir(path, build, "specs.jsonl")
 
 # %% ../nbs/04_shapes.ipynb #3afe2546
 def _write_specs(d: Path, specs: list, size: int, seed: int):
