@@ -38,23 +38,24 @@ def mini_configs() -> dict:
 def build_text_encoder(seed: int = 0):
     "flux2-mini's Mistral3 text encoder: seeded random weights, token embeddings scaled by `TEXT_EMBED_SCALE`."
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-    torch_ = __import__("torch")
-    torch_.manual_seed(seed)
+    import torch
+    torch.manual_seed(seed)
     model = Mistral3ForConditionalGeneration(Mistral3Config(**mini_configs()["text_encoder"])).eval()
-    with torch_.no_grad(): model.get_input_embeddings().weight.mul_(TEXT_EMBED_SCALE)
-    return model.to(torch_.float16).to(torch_.float32)  # the values it is saved with (fp16): embeds are exact
+    with torch.no_grad(): model.get_input_embeddings().weight.mul_(TEXT_EMBED_SCALE)
+    return model.to(torch.float16).to(torch.float32)  # the values it is saved with (fp16): embeds are exact
 
 # %% ../nbs/26_mini.ipynb #f37fe7b9
 def encode_captions(text_encoder, tokenizer, captions, batch_size: int = 64, max_length: int = MAX_TEXT_LENGTH):
     "Prompt embeddings `(N, max_length, 48)` of `captions`, by the pipeline's own `_get_mistral_3_small_prompt_embeds`."
     import torch
     from diffusers import Flux2Pipeline
+    from flux2_kit.tiny import TEXT_LAYERS
     out = []
     with torch.no_grad():
         for i in range(0, len(captions), batch_size):
             out.append(Flux2Pipeline._get_mistral_3_small_prompt_embeds(
                 text_encoder, tokenizer, list(captions[i:i + batch_size]), device="cpu", max_sequence_length=max_length,
-                hidden_states_layers=[10, 20, 30]))
+                hidden_states_layers=list(TEXT_LAYERS["dev"])))
     return torch.cat(out)
 
 # %% ../nbs/26_mini.ipynb #c3b072e1
