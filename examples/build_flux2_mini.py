@@ -15,10 +15,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few images and steps (a smoke run for tests)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: deterministic, the packaged weights; more: faster, another result)")
     a = ap.parse_args(argv)
     from flux2_kit.mini import build_flux2_mini
     from flux2_kit.tiny import MINI_DIR
-    build_flux2_mini(a.out or MINI_DIR, seed=a.seed, quick=a.quick, overwrite=a.overwrite,
+    build_flux2_mini(a.out or MINI_DIR, seed=a.seed, quick=a.quick, overwrite=a.overwrite, threads=a.threads,
                      log=lambda *m: print(*m, flush=True))
     return 0
 

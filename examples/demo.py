@@ -9,7 +9,7 @@ knew, to show what the LoRA cost.
 
 usage: python examples/demo.py [WORKDIR] [STEPS]
 """
-import dataclasses, json, os, sys, time
+import os, sys, time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,15 +23,14 @@ PROMPTS = {"red heart": "a large red heart in the center on a white background",
 
 def main(workdir="runs/demo", steps=None):
     from flux2_kit import Trainer
-    from flux2_kit.config import load_prompt_library
     from flux2_kit.mini import eval_specs, load_mini, lora_pipeline, mini_config, prompt_score
+    import diffusers, transformers
+    diffusers.utils.logging.disable_progress_bar(); transformers.utils.logging.disable_progress_bar()  # loading bars: noise here
     t0 = time.time()
     workdir = Path(workdir).resolve()
     over = dict(overwrite_output_dir=True, validation_steps=200, checkpointing_steps=300, checkpoints_total_limit=2)
     if steps: over["max_train_steps"] = int(steps)
-    cfg = mini_config(workdir, CONCEPT, **over)  # SimpleTuner's files: 12 hearts + 24 known shapes; our prompts:
-    (workdir / "user_prompt_library.json").write_text(json.dumps(PROMPTS, indent=1))
-    cfg = dataclasses.replace(cfg, prompt_library=load_prompt_library(workdir / "user_prompt_library.json"))
+    cfg = mini_config(workdir, CONCEPT, prompts=PROMPTS, **over)  # SimpleTuner's files: 12 hearts + 24 known shapes
     t = Trainer(cfg)
     t.fit()
     trained = time.time() - t0

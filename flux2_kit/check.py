@@ -82,6 +82,12 @@ def __str__(self: CheckReport) -> str:
     lines += [str(p) for p in sorted(self.problems, key=lambda p: order[p.level])]
     return "\n".join(lines)
 
+@patch
+def __repr__(self: CheckReport) -> str:
+    n = lambda lv: sum(p.level == lv for p in self.problems)
+    return (f"CheckReport(datasets {len(self.datasets)}, errors {n('error')}, warnings {n('warning')}, notes {n('note')};"
+            " print() it for the table and every line)")
+
 # %% ../nbs/19_check.ipynb #7a7e5486
 @patch
 def _repr_markdown_(self: CheckReport) -> str:

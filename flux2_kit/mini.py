@@ -257,6 +257,7 @@ def build_flux2_mini(path,  # folder to write (must be empty or absent unless `o
                      quick: bool = False,  # a smoke run: a few images and steps (tests); the weights are useless
                      overwrite: bool = False,  # replace an existing folder
                      log=print,  # progress lines
+                     threads: int = 1,  # CPU threads; 1 is deterministic (the packaged weights), more change the result
                     ) -> Path:
     "Build flux2-mini from nothing (renders, VAE, text encoder, transformer) and save it in the diffusers layout."
     import torch
@@ -266,14 +267,18 @@ def build_flux2_mini(path,  # folder to write (must be empty or absent unless `o
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True or choose another folder")
     plan = QUICK_BUILD if quick else FULL_BUILD
-    with tempfile.TemporaryDirectory() as work:
-        parts, facts = _train_parts(Path(work), seed, plan, log)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # a 2-thread build sums in another order: its VAE settled at L1 0.10, not 0.033
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            parts, facts = _train_parts(Path(work), seed, plan, log)
+    finally: torch.set_num_threads(before)
     pipe = Flux2Pipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(**mini_configs()["scheduler"]))
     card = dict(name="flux2-mini", flavour="dev", resolution=RESOLUTION, max_text_length=MAX_TEXT_LENGTH,
                 num_inference_steps=PREVIEW_STEPS, guidance_scale=PREVIEW_GUIDANCE, held_back=list(HELD_BACK),
                 vocabulary=_vocabulary(), seeds=dict(seed=seed, renders=seed, vae=seed, text_encoder=seed + 3,
                 transformer=seed), quick=quick, text_embed_scale=TEXT_EMBED_SCALE, **facts,
-                build_seconds=round(time.time() - t0, 1), build_threads=torch.get_num_threads())
+                build_seconds=round(time.time() - t0, 1), build_threads=threads)
     _save_pipeline(pipe, path, card, overwrite)
     log(f"flux2-mini written to {path} in {card['build_seconds']:.0f} s")
     return path
@@ -320,6 +325,7 @@ def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (create
                 concept: str = "heart",  # the held-back shape the LoRA learns
                 n: int = 12,  # pictures of it
                 known: int = 24,  # pictures of shapes the model knew, as a second dataset (prior preservation); 0: none
+                prompts: dict | None = None,  # the validation prompts (user_prompt_library); default: one of `concept`
                 **overrides,  # any Config key
                ):
     "A `Config` that trains a LoRA for `concept` on flux2-mini (the packaged model) with the Trainer."
@@ -345,7 +351,8 @@ def mini_config(workdir,  # folder holding datasets/, cache/ and output/ (create
                 dict(id="text-embeds", type="local", dataset_type="text_embeds", default=True,
                      cache_dir=str(workdir / "cache" / "text"), write_batch_size=16)]
     (workdir / "multidatabackend.json").write_text(json.dumps(datasets, indent=1))
-    (workdir / "user_prompt_library.json").write_text(json.dumps({concept: f"a large red {concept} in the center on a white background"}, indent=1))
+    prompts = prompts or {concept: f"a large red {concept} in the center on a white background"}
+    (workdir / "user_prompt_library.json").write_text(json.dumps(prompts, indent=1))
     raw.update(data_backend_config=str(workdir / "multidatabackend.json"),
                user_prompt_library=str(workdir / "user_prompt_library.json"))
     return load_config(raw, base_dir=workdir)
