@@ -143,6 +143,7 @@ def train_transformer(latents,  # (N, 128, h, w) normalised, patchified latents
                       caption_index,  # (N,) long: the row of `embeds` for each latent
                       steps: int = 3000, seed: int = 0, lr: float = 1e-3, batch_size: int = 32,
                       log=None,  # called as log(step, mean loss of the last 100 steps) every 100 steps
+                      shift_steps: int = 0,  # the last `shift_steps` steps draw sigmas with FLUX.2's resolution shift (as the sampler)
                      ) -> tuple:
     "`(transformer, losses)`: flux2-mini's transformer trained from scratch by `flux2_kit.flow.flow_match_loss`."
     import torch
@@ -152,11 +153,13 @@ def train_transformer(latents,  # (N, 128, h, w) normalised, patchified latents
     tr = Flux2Transformer2DModel(**mini_configs()["transformer"]).train()
     opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     settings = FlowSettings(guidance_mode="random-range", guidance_min=1.0, guidance_max=5.0)
+    shifted = FlowSettings(guidance_mode="random-range", guidance_min=1.0, guidance_max=5.0, auto_shift=True)
     g, pick, losses = make_generator(seed), torch.Generator().manual_seed(seed + 1), []
     for step in range(steps):
         for group in opt.param_groups: group["lr"] = _lr_at(step, steps, lr, min(200, steps // 10 + 1))
         idx = torch.randint(0, len(latents), (batch_size,), generator=pick)
-        out = flow_match_loss(tr, dict(latents=latents[idx], prompt_embeds=embeds[caption_index[idx]]), g, settings)
+        out = flow_match_loss(tr, dict(latents=latents[idx], prompt_embeds=embeds[caption_index[idx]]), g,
+                              shifted if step >= steps - shift_steps else settings)
         opt.zero_grad(set_to_none=True); out.loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0); opt.step()
         losses.append(out.loss.item())
@@ -196,12 +199,14 @@ def model_card_text(card: dict) -> str:
         f"- sampling: {card['num_inference_steps']} steps, guidance {card['guidance_scale']}",
         f"- captions: `{card['caption_example']}`",
         f"- shapes: {', '.join(v['shapes'])}; held back (never seen): {', '.join(card['held_back'])}",
-        f"- colours: {', '.join(v['colours'])}", f"- positions: {', '.join(v['positions'])}",
+        f"- colours: {', '.join(v['colours'])} (the VAE learnt these colours only: a render in another colour, pink",
+        "  say, comes back blue or orange, so a LoRA can teach this model new shapes but not new colours)",
+        f"- positions: {', '.join(v['positions'])}",
         f"- sizes: {', '.join(v['sizes'])}", f"- backgrounds: {', '.join(v['backgrounds'])}",
         f"- trained on {card['images']} renders; seeds {card['seeds']}",
         f"- VAE: {card['vae_steps']} steps, final L1 {card['vae_l1']:.4f}, round-trip L1 {card['vae_roundtrip_l1']:.4f}",
-        f"- transformer: {card['transformer_steps']} steps, flow-matching loss {card['transformer_loss_first']:.4f} -> "
-        f"{card['transformer_loss_last']:.4f}",
+        f"- transformer: {card['transformer_steps']} steps (the last {card.get('shift_steps', 0)} with sigmas shifted as the sampler "
+        f"shifts them), flow-matching loss {card['transformer_loss_first']:.4f} -> {card['transformer_loss_last']:.4f}",
         f"- build time: {card['build_seconds']:.0f} s on {card['build_threads']} CPU threads", "",
         "```python", "import torch", "from diffusers import Flux2Pipeline",
         "pipe = Flux2Pipeline.from_pretrained(path, dtype=torch.float32)",
@@ -210,8 +215,8 @@ def model_card_text(card: dict) -> str:
         "```", ""])
 
 # %% ../nbs/26_mini.ipynb #33b29589
-FULL_BUILD = dict(images=6000, vae_steps=2500, vae_batch_size=16, transformer_steps=4800, batch_size=32)
-QUICK_BUILD = dict(images=48, vae_steps=3, vae_batch_size=4, transformer_steps=3, batch_size=8)
+FULL_BUILD = dict(images=6000, vae_steps=2500, vae_batch_size=16, transformer_steps=4800, shift_steps=1500, batch_size=32)
+QUICK_BUILD = dict(images=48, vae_steps=3, vae_batch_size=4, transformer_steps=3, shift_steps=1, batch_size=8)
 
 # %% ../nbs/26_mini.ipynb #c94b3f4a
 def _vocabulary() -> dict:
@@ -243,11 +248,12 @@ def _train_parts(work: Path, seed: int, plan: dict, log) -> tuple:
     index = torch.tensor([distinct.index(c) for c in captions])
     log(f"{len(distinct)} distinct captions encoded; VAE round-trip L1 {roundtrip:.4f}")
     tr, tr_losses = train_transformer(latents, embeds, index, plan["transformer_steps"], seed, batch_size=plan["batch_size"],
+                                      shift_steps=plan["shift_steps"],
                                       log=lambda s, l: log(f"transformer step {s}: loss {l:.4f} ({time.time() - t0:.0f} s)"))
     k = max(1, min(100, len(tr_losses) // 5))
     facts = dict(images=len(pixels), distinct_captions=len(distinct), caption_example=captions[0],
                  vae_steps=plan["vae_steps"], vae_l1=sum(vae_losses[-k:]) / k, vae_roundtrip_l1=roundtrip,
-                 transformer_steps=plan["transformer_steps"], transformer_loss_first=sum(tr_losses[:k]) / k,
+                 transformer_steps=plan["transformer_steps"], shift_steps=plan["shift_steps"], transformer_loss_first=sum(tr_losses[:k]) / k,
                  transformer_loss_last=sum(tr_losses[-k:]) / k)
     return dict(transformer=tr, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer), facts
 
