@@ -146,14 +146,14 @@ def train_transformer(latents,  # (N, 128, h, w) normalised, patchified latents
                       shift_steps: int = 0,  # the last `shift_steps` steps draw sigmas with FLUX.2's resolution shift (as the sampler)
                      ) -> tuple:
     "`(transformer, losses)`: flux2-mini's transformer trained from scratch by `flux2_kit.flow.flow_match_loss`."
-    import torch
+    import dataclasses, torch
     from diffusers import Flux2Transformer2DModel
     from flux2_kit.flow import FlowSettings, flow_match_loss, make_generator
     torch.manual_seed(seed)
     tr = Flux2Transformer2DModel(**mini_configs()["transformer"]).train()
     opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     settings = FlowSettings(guidance_mode="random-range", guidance_min=1.0, guidance_max=5.0)
-    shifted = FlowSettings(guidance_mode="random-range", guidance_min=1.0, guidance_max=5.0, auto_shift=True)
+    shifted = dataclasses.replace(settings, auto_shift=True)
     g, pick, losses = make_generator(seed), torch.Generator().manual_seed(seed + 1), []
     for step in range(steps):
         for group in opt.param_groups: group["lr"] = _lr_at(step, steps, lr, min(200, steps // 10 + 1))
